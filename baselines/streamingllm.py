@@ -1,0 +1,58 @@
+"""StreamingLLM (Xiao et al., ICLR 2024): attention sinks + the most recent tokens (``cache=streamingllm``).
+
+Positions are shifted as in mit-han-lab/streaming-llm's ``pos_shift``: a key's rotary position is
+its slot in the cache, not its original position. After each forward the cache is cut back to
+``budget`` entries (the ``sink`` first tokens and the newest ``budget - sink``), so the next
+forward attends ``budget`` entries plus its own tokens, the same terms as LaCache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lacache.kvcache import CompactingCache, Plan
+from lacache.policy import CachePolicy, PolicyConfigError
+
+
+class SinkWindowCache(CompactingCache):
+    def __init__(self, model, budget: int, sink: int):
+        self.budget, self.sink = budget, sink
+        super().__init__(model, capacity=budget)
+
+    def plan(self, length: int) -> Plan | None:
+        if length <= self.budget:
+            return None
+        window = self.budget - self.sink
+        index = torch.arange(length - window, length, device=self.positions.device)[None, None, None, :]
+        return Plan(start=self.sink, index=index, new_length=self.budget)
+
+
+@dataclass
+class StreamingLLMPolicy(CachePolicy):
+    name: ClassVar[str] = "streamingllm"
+
+    budget: int | float | None = 256
+    sink: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.budget is None:
+            raise PolicyConfigError("streamingllm needs a budget (entries per layer, or a fraction)")
+        if self.sink < 0:
+            raise PolicyConfigError(f"sink={self.sink} must be >= 0")
+        if not self.is_fraction and self.budget <= self.sink:
+            raise PolicyConfigError(f"budget={self.budget} must exceed sink={self.sink} (no room for recent tokens)")
+
+    def make_cache(self, model, prompt_length=None) -> SinkWindowCache:
+        budget = self.resolve_budget(prompt_length, getattr(model.config, "max_position_embeddings", None))
+        if budget <= self.sink:
+            raise PolicyConfigError(
+                f"budget={self.budget} resolves to {budget} entries, which must exceed sink={self.sink}"
+            )
+        return SinkWindowCache(model, budget, self.sink)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "sink": self.sink}

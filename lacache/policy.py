@@ -1,0 +1,96 @@
+"""The cache-policy interface: every method (LaCache, baselines, your own) is one small dataclass.
+
+A policy is configuration; :meth:`CachePolicy.make_cache` builds the per-sequence transformers
+``Cache`` that does the work. The harness only talks to this interface, so adding a policy means
+one Python file plus one ``configs/cache/<name>.yaml`` whose ``_target_`` names the class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from transformers.cache_utils import Cache
+
+PREFILL_MODES = ("full", "chunked")
+
+
+class PolicyConfigError(ValueError):
+    """A cache-policy setting that cannot work; raised before the model loads where possible."""
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+@dataclass
+class CachePolicy:
+    """Base class. ``budget``: KV entries kept per layer, an int (absolute) or a float in (0, 1]
+    (fraction of the prompt, or of the model's max length when ``budget_of='max_length'``).
+    ``None`` means unbounded. The same budget means the same number of entries per layer for
+    every policy, so "50%" compares like with like."""
+
+    name: ClassVar[str] = "base"
+    #: True when feeding several tokens at once gives exactly the logits of feeding them one by one.
+    exact_chunks: ClassVar[bool] = False
+
+    budget: int | float | None = None
+    budget_of: str = "prompt"
+    prefill: str = "full"
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if self.prefill not in PREFILL_MODES:
+            raise PolicyConfigError(f"prefill={self.prefill!r} is not one of {PREFILL_MODES}")
+        if self.budget_of not in ("prompt", "max_length"):
+            raise PolicyConfigError(f"budget_of={self.budget_of!r} is not one of ('prompt', 'max_length')")
+        if self.prefill_chunk < 1:
+            raise PolicyConfigError(f"prefill_chunk={self.prefill_chunk} must be >= 1")
+        b = self.budget
+        if b is not None:
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise PolicyConfigError(f"budget={b!r} must be an int (entries) or a float in (0, 1] (fraction)")
+            if isinstance(b, float) and not 0 < b <= 1:
+                raise PolicyConfigError(f"budget={b} as a float is a fraction and must be in (0, 1]; use an int for entries")
+            if isinstance(b, int) and b < 1:
+                raise PolicyConfigError(f"budget={b} must be >= 1")
+
+    # -------------------------------------------------------------- budget
+    @property
+    def is_fraction(self) -> bool:
+        return isinstance(self.budget, float)
+
+    def resolve_budget(self, prompt_length: int | None = None, max_length: int | None = None) -> int | None:
+        """Entries per layer for one sequence (fractions resolve against the prompt or max length)."""
+        if self.budget is None or not self.is_fraction:
+            return self.budget
+        base = max_length if self.budget_of == "max_length" else prompt_length
+        if base is None:
+            raise PolicyConfigError(
+                f"budget={self.budget} is a fraction of the {self.budget_of.replace('_', ' ')}, which this task does "
+                "not provide; give an absolute budget (an int)"
+            )
+        return max(1, int(self.budget * base))
+
+    # -------------------------------------------------------------- hooks
+    def check(self, model_config) -> None:
+        """Validate against the model's config, before any weights load."""
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """One-time model set-up the policy needs (e.g. an attention implementation that reports scores)."""
+
+    def make_cache(self, model: torch.nn.Module, prompt_length: int | None = None) -> Cache:
+        """A fresh cache for one sequence (never reuse one across sequences)."""
+        raise NotImplementedError
+
+    def prefill_chunks(self, prompt_length: int) -> list[int]:
+        """Sizes of the forwards that feed a prompt: one exact pass, or bounded chunks."""
+        if self.prefill == "full" or prompt_length <= self.prefill_chunk:
+            return [prompt_length]
+        full, rest = divmod(prompt_length, self.prefill_chunk)
+        return [self.prefill_chunk] * full + ([rest] if rest else [])
+
+    def describe(self) -> dict:
+        """Flat id fields for records and tables."""
+        return {"policy": self.name, "budget": self.budget}

@@ -1,0 +1,120 @@
+"""Streaming perplexity (the paper's Wikitext-2 experiment, ``task=ppl``).
+
+A long text is streamed through the model with the cache policy active: token by token, or in
+chunks where the policy says chunking is exact (the full cache). Reports overall PPL and PPL per
+window of ``window`` predicted tokens, so a curve shows where a policy breaks down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from lacache.assets import essays_text
+from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
+from lacache.models import input_device
+from tasks.base import RunContext, Task, TaskConfigError, TaskResult
+
+DATASETS = ("pg_essays", "wikitext2", "pg19", "text_file")
+
+
+def _hub_text(dataset: str, hub_id: str, config: str | None, split: str, sample: int | None) -> str:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as err:  # datasets raises many types for "offline" / "not found"
+        raise TaskConfigError(
+            f"dataset {dataset!r} ({hub_id}{'/' + config if config else ''}, split {split}) could not be loaded: the "
+            f"Hugging Face hub is unreachable or the dataset is not cached ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Use task.dataset=text_file task.path=<file>, "
+            "or task.dataset=pg_essays (embedded, offline)."
+        ) from None
+    if sample is not None:
+        return data[sample]["text"]
+    return "\n\n".join(data["text"])
+
+
+@dataclass
+class PerplexityTask(Task):
+    name: ClassVar[str] = "ppl"
+
+    dataset: str = "pg_essays"
+    path: str | None = None  # for dataset=text_file
+    hub_id: str | None = None  # override the hub dataset id
+    sample: int | None = None  # pg19: which book (None: all concatenated, as for wikitext2)
+    num_tokens: int = 16384
+    window: int = 1024
+    chunk: int = 512  # tokens per forward for policies whose chunking is exact
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise TaskConfigError(f"task.dataset={self.dataset!r} is not one of {DATASETS}")
+        if self.num_tokens < 2:
+            raise TaskConfigError(f"task.num_tokens={self.num_tokens} must be >= 2")
+        if self.window < 1 or self.chunk < 1:
+            raise TaskConfigError("task.window and task.chunk must be >= 1")
+        if self.dataset == "text_file" and not self.path:
+            raise TaskConfigError("task.dataset=text_file needs task.path=<a text file>")
+
+    def check(self, model_config, policy, max_length) -> None:
+        if self.dataset == "text_file" and not Path(self.path).is_file():
+            raise TaskConfigError(f"task.path={self.path!r} is not a file")
+
+    def text(self) -> str:
+        if self.dataset == "pg_essays":
+            return essays_text()
+        if self.dataset == "text_file":
+            return Path(self.path).read_text(encoding="utf-8")
+        if self.dataset == "wikitext2":
+            return _hub_text(self.dataset, self.hub_id or "wikitext", "wikitext-2-raw-v1", "test", None)
+        return _hub_text(self.dataset, self.hub_id or "emozilla/pg19-test", None, "test", self.sample if self.sample is not None else 0)
+
+    def tokens(self, tokenizer) -> torch.Tensor:
+        ids = tokenizer(self.text(), return_tensors="pt").input_ids[0]
+        if ids.numel() < self.num_tokens:
+            raise TaskConfigError(
+                f"task.num_tokens={self.num_tokens} but dataset {self.dataset!r} has only {ids.numel()} tokens"
+            )
+        return ids[: self.num_tokens]
+
+    def run(self, ctx: RunContext) -> TaskResult:
+        device = input_device(ctx.model)
+        ids = self.tokens(ctx.tokenizer).to(device)[None]
+        n = ids.shape[1]
+        cache = ctx.policy.make_cache(ctx.model, prompt_length=n)
+        step = self.chunk if ctx.policy.exact_chunks else 1
+        nll = torch.empty(n - 1, dtype=torch.float64)
+        reset_device_peak(device)
+        bar = tqdm(total=n - 1, desc=f"ppl {ctx.policy.name}", unit="tok", disable=not ctx.progress, mininterval=2)
+        with torch.inference_mode(), Stopwatch(device) as clock:
+            for start in range(0, n - 1, step):
+                end = min(start + step, n - 1)
+                logits = ctx.model(ids[:, start:end], past_key_values=cache, use_cache=True).logits[0].float()
+                targets = ids[0, start + 1 : end + 1]
+                nll[start:end] = (-torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]).double().cpu()
+                bar.update(end - start)
+                if start // step % 50 == 0:
+                    bar.set_postfix(ppl=f"{math.exp(nll[:end].mean()):.2f}")
+        bar.close()
+        windows = [
+            {"end": min(s + self.window, n - 1), "ppl": math.exp(nll[s : s + self.window].mean().item())}
+            for s in range(0, n - 1, self.window)
+        ]
+        metrics = {"ppl": math.exp(nll.mean().item()), "nll": nll.mean().item(), "num_tokens": n}
+        stats = {
+            "wall_s": clock.seconds,
+            "tokens_per_s": (n - 1) / clock.seconds,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_device_bytes": device_peak_bytes(device),
+            **(cache.stats() if hasattr(cache, "stats") else {}),
+        }
+        return TaskResult(metrics=metrics, curves={"ppl_window": windows}, stats=stats)
+
+    def describe(self) -> dict:
+        return {"task": self.name, "dataset": self.dataset, "num_tokens": self.num_tokens}

@@ -1,0 +1,64 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def tiny_llama(layers=8, heads=4, kv_heads=2, vocab=128, seed=0, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096, **extra,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2_spec():
+    from omegaconf import OmegaConf
+
+    from lacache import models
+
+    return models.ModelSpec(**OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/smollm2-135m.yaml")))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_spec):
+    from lacache import models
+
+    return models.load(smollm2_spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2):
+    """A random-weight 2-layer Llama with SmolLM2's tokenizer, saved like a hub checkpoint."""
+    _, tokenizer = smollm2
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama(layers=4, vocab=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def stream(model, cache, ids, step=1):
+    """Feed ``ids`` through ``model`` with ``cache``; return the logits of every position."""
+    out = []
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1], step):
+            out.append(model(ids[:, start : start + step], past_key_values=cache, use_cache=True).logits)
+    return torch.cat(out, dim=1)

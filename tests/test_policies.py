@@ -1,0 +1,186 @@
+"""Cache policies on tiny random-weight Llamas: exactness, kept sets, positions, memory bounds."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from baselines.full import FullCachePolicy
+from baselines.h2o import H2OPolicy, HeavyHitterCache, attention_column_sums
+from baselines.streamingllm import StreamingLLMPolicy
+from conftest import stream, tiny_llama
+from lacache.ladder import kept_positions
+from lacache.ladder_cache import LaCachePolicy
+from lacache.policy import PolicyConfigError
+
+TOKENS = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("policy", [LaCachePolicy(budget=512, span=4), StreamingLLMPolicy(budget=512), H2OPolicy(budget=512), FullCachePolicy()], ids=lambda p: p.name)
+def test_budget_above_sequence_equals_full_cache(tiny_model, policy):
+    policy.prepare_model(tiny_model)
+    expected = tiny_model(TOKENS).logits
+    got = stream(tiny_model, policy.make_cache(tiny_model), TOKENS)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("span, overlap, budget, sink", [(4, 0, 40, 4), (2, 0, 40, 4), (4, 2, 48, 0), (3, 1, 30, 2)])
+def test_lacache_cache_keeps_predicted_positions(tiny_model, span, overlap, budget, sink):
+    cache = LaCachePolicy(budget=budget, span=span, overlap=overlap, sink=sink).make_cache(tiny_model)
+    stream(tiny_model, cache, TOKENS)
+    held = cache.kept_positions()
+    assert torch.equal(held, held[:, :1, :1].expand_as(held))  # same for every batch row and head
+    assert held[:, 0, 0].tolist() == kept_positions(8, span, overlap, budget, sink, TOKENS.shape[1])
+
+
+class SlotRotaryReferenceCache(DynamicCache):
+    """Option 1 of docs/POSITIONS.md, written independently: store un-rotated keys, apply the
+    ladder with plain lists after every forward, rotate every key at its slot on every step."""
+
+    def __init__(self, model, ladder_kept):
+        super().__init__(config=model.config)
+        self.model, self.kept = model, ladder_kept
+        self.raw = [[] for _ in range(model.config.num_hidden_layers)]
+        self.vals = [[] for _ in range(model.config.num_hidden_layers)]
+        self.seen = 0
+
+    def _cos_sin(self, positions):
+        probe = torch.zeros(1, dtype=torch.float32)
+        return self.model.model.rotary_emb(probe, torch.tensor([positions]))
+
+    def get_seq_length(self, layer_idx=0):
+        return len(self.raw[0])
+
+    def get_mask_sizes(self, query_length, layer_idx=0):
+        return self.get_seq_length() + query_length, 0
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n = len(self.raw[layer_idx])
+        cos, sin = self._cos_sin([n])
+        raw, _ = apply_rotary_pos_emb(key_states, key_states, cos, -sin)  # rotate back by -n
+        self.raw[layer_idx].append((raw[0, :, 0], self.seen))
+        self.vals[layer_idx].append(value_states[0, :, 0])
+        keys = torch.stack([k for k, _ in self.raw[layer_idx]], dim=1)[None]
+        cos, sin = self._cos_sin(list(range(keys.shape[2])))
+        keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+        values = torch.stack(self.vals[layer_idx], dim=1)[None]
+        if layer_idx == len(self.raw) - 1:
+            self.seen += 1
+            kept = self.kept(self.seen)
+            for layer in range(len(self.raw)):
+                index = {pos: j for j, (_, pos) in enumerate(self.raw[layer])}
+                order = [index[pos] for pos in kept[layer]]
+                self.raw[layer] = [self.raw[layer][j] for j in order]
+                self.vals[layer] = [self.vals[layer][j] for j in order]
+        return keys, values
+
+
+@pytest.mark.parametrize("span, overlap, budget", [(4, 0, 24), (2, 0, 28)])
+def test_position_shift_matches_rotate_everything_reference(span, overlap, budget):
+    """Over a stream with many compactions and cursor wraps, logits equal the reference scheme."""
+    model = tiny_llama(seed=3)
+    ids = torch.randint(0, 128, (1, 220), generator=torch.Generator().manual_seed(1))
+    ours = stream(model, LaCachePolicy(budget=budget, span=span, overlap=overlap).make_cache(model), ids)
+    oracle = SlotRotaryReferenceCache(model, lambda t: kept_positions(8, span, overlap, budget, 4, t))
+    reference = stream(model, oracle, ids)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_streamingllm_keeps_sinks_and_newest_at_every_step(tiny_model):
+    cache = StreamingLLMPolicy(budget=20, sink=4).make_cache(tiny_model)
+    with torch.inference_mode():
+        for t in range(60):
+            tiny_model(TOKENS[:, t : t + 1], past_key_values=cache)
+            held = cache.kept_positions()[0, 0, 0].tolist()
+            newest = list(range(max(4, t + 1 - 16), t + 1))
+            assert held == list(range(min(4, t + 1))) + newest
+
+
+def test_h2o_keeps_planted_heavy_hitters(tiny_model):
+    """Queries that align with a few planted keys give those keys the top accumulated scores."""
+    torch.manual_seed(0)
+    keys = torch.randn(1, 2, 40, 16) * 0.1
+    planted = [3, 11, 17, 25]
+    keys[:, :, planted] = torch.ones(16) * 3
+    query = torch.ones(1, 4, 40, 16)
+    sums = attention_column_sums(query, keys, None, 0.25)
+    assert set(sums[0, 0, :30].topk(4).indices.tolist()) == set(planted)
+
+    cache = HeavyHitterCache(tiny_model, budget=12, heavy=4)
+    with torch.inference_mode():
+        for t in range(40):
+            tiny_model(TOKENS[:, t : t + 1], past_key_values=cache)
+            cache.scores[:, :, :, : cache.length] = 0  # replace the model's scores with a planted pattern
+            for p in planted:
+                slot = (cache.positions[0, 0, 0, : cache.length] == p).nonzero()
+                if len(slot):
+                    cache.scores[:, :, :, slot[0, 0]] = 10.0
+            cache.pending = cache.plan(cache.length)
+    held = cache.kept_positions()[0, 0, 0].tolist()
+    assert held == planted + list(range(32, 40))
+
+
+@pytest.mark.parametrize("policy", [LaCachePolicy(budget=40, span=4, prefill="chunked", prefill_chunk=16),
+                                    StreamingLLMPolicy(budget=40, prefill="chunked", prefill_chunk=16),
+                                    H2OPolicy(budget=40, prefill="chunked", prefill_chunk=16)], ids=lambda p: p.name)
+def test_chunked_prefill_bounds_memory(tiny_model, policy):
+    policy.prepare_model(tiny_model)
+    cache = policy.make_cache(tiny_model, prompt_length=TOKENS.shape[1])
+    with torch.inference_mode():
+        for size in policy.prefill_chunks(TOKENS.shape[1]):
+            start = cache.seen
+            tiny_model(TOKENS[:, start : start + size], past_key_values=cache)
+    assert cache.peak_slots <= 40 + 16 + 2  # budget (+ LaCache compensation) + one chunk
+    held = cache.kept_positions()
+    assert held[..., -1].eq(TOKENS.shape[1] - 1).all()  # the newest token is never dropped
+    assert all(len(set(row.tolist())) == len(row) for row in held.reshape(-1, held.shape[-1]))
+
+
+def test_full_prefill_then_compact_keeps_the_newest_and_no_duplicates(tiny_model):
+    cache = LaCachePolicy(budget=30, span=3, overlap=1, sink=2).make_cache(tiny_model)
+    with torch.inference_mode():
+        tiny_model(TOKENS[:, :150], past_key_values=cache)
+        tiny_model(TOKENS[:, 150:151], past_key_values=cache)
+    held = cache.kept_positions()[:, 0, 0]
+    assert held.shape[-1] <= 31 + 1
+    for row in held.tolist():
+        assert row == sorted(set(row)) and row[:2] == [0, 1] and row[-1] == 150
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: LaCachePolicy(budget=0.0), r"must be in \(0, 1\]"),
+        (lambda: LaCachePolicy(budget=256, prefill="lazy"), "prefill='lazy' is not one of"),
+        (lambda: StreamingLLMPolicy(budget=4, sink=4), "must exceed sink=4"),
+        (lambda: H2OPolicy(budget=1), "at least one of each"),
+        (lambda: LaCachePolicy(budget=256, compact_every=0), "compact_every=0"),
+    ],
+)
+def test_bad_policy_settings_fail_early(make, message):
+    with pytest.raises(PolicyConfigError, match=message):
+        make()
+
+
+def test_lacache_validates_against_the_model_before_loading(tiny_model):
+    with pytest.raises(PolicyConfigError, match="span=8 must be < num_layers=8"):
+        LaCachePolicy(budget=256, span=8).check(tiny_model.config)
+    with pytest.raises(PolicyConfigError, match="budget=10 must be >="):
+        LaCachePolicy(budget=10, span=4).check(tiny_model.config)
+
+
+def test_fraction_budget_resolves_against_the_prompt(tiny_model):
+    cache = LaCachePolicy(budget=0.5, span=4, sink=4).make_cache(tiny_model, prompt_length=100)
+    assert cache.state.budget == 50
+    assert StreamingLLMPolicy(budget=0.25).make_cache(tiny_model, prompt_length=100).budget == 25
+
+
+def test_every_policy_reports_entries_and_bytes(tiny_model):
+    for policy in (FullCachePolicy(), LaCachePolicy(budget=40, span=4), StreamingLLMPolicy(budget=40), H2OPolicy(budget=40)):
+        policy.prepare_model(tiny_model)
+        cache = policy.make_cache(tiny_model)
+        stream(tiny_model, cache, TOKENS[:, :80])
+        stats = cache.stats()
+        assert len(cache.entries_per_layer()) == 8
+        assert stats["kv_entries_per_layer_max"] == (80 if policy.name == "full" else 41)
+        assert stats["kv_bytes_max"] > 0 and stats["kv_bytes_mean"] <= stats["kv_bytes_max"]
