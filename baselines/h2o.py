@@ -41,13 +41,13 @@ def attention_column_sums(query, key, attention_mask, scaling) -> torch.Tensor:
     for start in range(0, q_len, step):
         end = min(q_len, start + step)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", query[:, :, :, start:end].float(), key) * scaling
-        if attention_mask is None:
+        if attention_mask is not None:
+            mask = attention_mask[:, :, start:end, :kv_len][:, :, None]
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+        elif q_len > 1:  # causal (a single query sees every cached key)
             rows = torch.arange(start, end, device=query.device)[:, None] + (kv_len - q_len)
             allowed = torch.arange(kv_len, device=query.device)[None, :] <= rows
             logits = logits.masked_fill(~allowed, float("-inf"))
-        else:
-            mask = attention_mask[:, :, start:end, :kv_len][:, :, None]
-            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
         totals += torch.softmax(logits, dim=-1).sum(dim=(2, 3))
     return totals
 

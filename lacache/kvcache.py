@@ -39,11 +39,15 @@ class Plan:
 
 
 class RotaryTable:
-    """cos/sin of the model's own rotary embedding (scaled variants included) at integer positions."""
+    """cos/sin of the model's own rotary embedding (scaled variants included) at integer positions.
 
-    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device):
-        self.rotary_emb, self.device = rotary_emb, device
-        self.cos = self.sin = torch.empty(0, 0, device=device)
+    Tables are kept in fp32 and in the cache's dtype; rotating in the cache's dtype matches the
+    precision of the stock attention (which rotates in the model's dtype) and halves the traffic.
+    """
+
+    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+        self.rotary_emb, self.device, self.dtype = rotary_emb, device, dtype
+        self.cos = self.sin = self.cos32 = self.sin32 = torch.empty(0, 0, device=device)
 
     def _ensure(self, size: int) -> None:
         if size <= self.cos.shape[0]:
@@ -52,17 +56,28 @@ class RotaryTable:
         probe = torch.empty(0, dtype=torch.float32, device=self.device)
         positions = torch.arange(size, device=self.device)[None]
         cos, sin = self.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0].float(), sin[0].float()
+        self.cos32, self.sin32 = cos[0].float(), sin[0].float()
+        self.cos, self.sin = self.cos32.to(self.dtype), self.sin32.to(self.dtype)
 
-    def rotate(self, x: torch.Tensor, start: int, sign: int = 1) -> torch.Tensor:
-        """Rotate ``x[..., m, D]`` to positions ``start..start+m-1`` (``sign=-1`` un-rotates), in fp32."""
+    def rotate_into(self, out: torch.Tensor, x: torch.Tensor, start: int) -> None:
+        """``out = x`` rotated to positions ``start..start+m-1`` (rotate_half convention), no temporaries."""
         m = x.shape[-2]
         self._ensure(start + m)
-        cos, sin = self.cos[start : start + m], self.sin[start : start + m] * sign
+        cos, sin = self.cos[start : start + m], self.sin[start : start + m]
+        half = x.shape[-1] // 2
+        torch.mul(x, cos, out=out)
+        out[..., :half].addcmul_(x[..., half:], sin[:, :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[:, half:])
+
+    def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Inverse rotation (by ``-position``), in fp32: the raw key is derived once, at insertion."""
+        m = x.shape[-2]
+        self._ensure(start + m)
+        cos, sin = self.cos32[start : start + m], self.sin32[start : start + m]
         x = x.float()
         half = x.shape[-1] // 2
         rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated_half * sin
+        return (x * cos - rotated_half * sin).to(self.dtype)
 
 
 def rotary_embedding_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -188,7 +203,7 @@ class CompactingCache(Cache):
             for new, prev in zip((self.keys, self.raw_keys, self.values, self.positions), old):
                 new[:, :, :, :n].copy_(prev[:, :, :, :n])
         if self.rope is None:
-            self.rope = RotaryTable(self.rotary_emb, key_states.device)
+            self.rope = RotaryTable(self.rotary_emb, key_states.device, key_states.dtype)
 
     def _view(self, name: str, layer: int):
         buffer = getattr(self, name)
@@ -201,7 +216,7 @@ class CompactingCache(Cache):
             self._begin_forward(key_states, value_states)
         n, q = self.length, key_states.shape[-2]
         self.keys[layer, :, :, n : n + q] = key_states
-        self.raw_keys[layer, :, :, n : n + q] = self.rope.rotate(key_states, n, sign=-1)
+        self.raw_keys[layer, :, :, n : n + q] = self.rope.unrotate(key_states, n)
         self.values[layer, :, :, n : n + q] = value_states
         self.on_append(layer, n, q)
         if layer == self.num_layers - 1:
@@ -245,7 +260,7 @@ class CompactingCache(Cache):
         self.raw_keys[:, :, :, start : start + m] = raw
         self.values[:, :, :, start : start + m] = values
         self.positions[:, :, :, start : start + m] = positions
-        self.keys[:, :, :, start : start + m] = self.rope.rotate(raw, start).to(self.keys.dtype)
+        self.rope.rotate_into(self.keys[:, :, :, start : start + m], raw, start)
         self.length = plan.new_length
         self.on_compact(plan)
 

@@ -1,0 +1,51 @@
+"""Draw which original token positions each layer holds (the ladder) as a PNG.
+
+    python -m lacache.ladder_plot --layers 30 --span 16 --overlap 0 --budget 256 --sink 4 --tokens 2048 --out ladder.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lacache.ladder import kept_positions
+
+
+def draw_ladder(num_layers: int, span: int, overlap: int, budget: int, sink: int, num_tokens: int, path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    held = np.zeros((num_layers, num_tokens), dtype=np.uint8)
+    for layer, positions in enumerate(kept_positions(num_layers, span, overlap, budget, sink, num_tokens)):
+        held[layer, positions] = 1
+    fig, ax = plt.subplots(figsize=(10, 0.18 * num_layers + 1.2))
+    ax.imshow(held, aspect="auto", interpolation="nearest", cmap="Greys", origin="lower")
+    ax.set_xlabel("original token position")
+    ax.set_ylabel("layer")
+    ax.set_title(f"LaCache kept positions: S={span} O={overlap} budget={budget} sink={sink}, after {num_tokens} tokens")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--span", type=int, default=16)
+    parser.add_argument("--overlap", type=int, default=0)
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--out", default="reports/ladder.png")
+    a = parser.parse_args(argv)
+    print(draw_ladder(a.layers, a.span, a.overlap, a.budget, a.sink, a.tokens, a.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Greedy generation through a cache policy: the loop shared by ``task=ruler``, ``longbench``, ``niah``.
+
+One sample = one fresh cache (``policy.make_cache(model, prompt_length=len(prompt))``, so budget
+fractions resolve against this prompt). The prompt is fed through ``policy.prefill_chunks`` (one
+forward per chunk, all into the same cache), then the answer is decoded token by token through that
+cache, greedily (argmax), until an end-of-sequence token, a stop token, a stop string, or
+``max_new_tokens``.
+
+Compression applies to the whole prompt = context + question (+ chat template and answer prefix),
+compressed as one sequence: the paper's setting (LaCache's LongBench/NIAH scripts prefill the whole
+prompt, then compact). The question is therefore not protected from eviction; a policy with
+``prefill=full`` still computes the first generated token from the uncompressed prompt (the cache
+compacts lazily, at the next forward), while ``prefill=chunked`` compresses between chunks.
+
+The loop is a plain ``model(ids, past_key_values=cache)`` call per step: no ``position_ids``, no
+``attention_mask`` and no ``model.generate()`` (which builds absolute positions that do not match a
+compacted cache, see PITFALLS.md); positions come from ``cache.get_seq_length()``.
+
+Per sample it records prompt and generated token counts, prefill and decode speed, peak memory
+(:mod:`lacache.measure`) and the cache's own ``stats()`` (KV entries / bytes held).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
+from lacache.models import input_device
+from lacache.policy import CachePolicy
+
+
+class ChatTemplateError(ValueError):
+    """The task asks for the model's chat template but the tokenizer has none."""
+
+
+@dataclass
+class Generation:
+    """One generated answer and what producing it cost."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    generated_tokens: int
+    stop_reason: str  # "eos" | "stop_token" | "stop_string" | "length"
+    prefill_s: float
+    decode_s: float
+    peak_device_bytes: int | None
+    peak_rss_bytes: int
+    cache_stats: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else None
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode forwards: every generated token but the first (it comes from the prefill logits)
+        is the output of one forward of the previous token."""
+        return max(0, self.generated_tokens - 1)
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else None
+
+    def record(self) -> dict:
+        """Flat per-sample fields for a task's ``samples``."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "stop_reason": self.stop_reason,
+            "prefill_s": self.prefill_s,
+            "decode_s": self.decode_s,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "peak_device_bytes": self.peak_device_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            **self.cache_stats,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat_prefix_suffix(tokenizer) -> tuple[str, str]:
+    """The text the chat template puts before and after a user message (generation prompt included)."""
+    marker = "\x00LACACHE-USER-MESSAGE\x00"
+    wrapped = apply_chat(tokenizer, marker)
+    before, found, after = wrapped.partition(marker)
+    if not found:  # pragma: no cover - a template that rewrites the message
+        raise ChatTemplateError("the tokenizer's chat template does not keep the user message verbatim")
+    return before, after
+
+
+def apply_chat(tokenizer, text: str) -> str:
+    if not has_chat_template(tokenizer):
+        raise ChatTemplateError(
+            "the tokenizer has no chat template; set task.chat_template=false for a base model"
+        )
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    if not isinstance(out, str):  # pragma: no cover - older/newer return types
+        out = tokenizer.decode(out)
+    return out
+
+
+def build_prompt(tokenizer, text: str, chat_template: bool, answer_prefix: str = "") -> list[int]:
+    """Prompt token ids: ``text`` as one user message of the chat template (with the generation
+    prompt) followed by ``answer_prefix``, or plainly ``text + answer_prefix`` with the tokenizer's
+    usual special tokens (e.g. a BOS)."""
+    if chat_template:
+        # the template writes its own special tokens (BOS included where the model wants one)
+        return encode(tokenizer, apply_chat(tokenizer, text) + answer_prefix)
+    return list(tokenizer.encode(text + answer_prefix, add_special_tokens=True))
+
+
+def chat_overhead(tokenizer, chat_template: bool) -> int:
+    """Tokens the prompt wrapper adds around a message (measured on a short probe text)."""
+    probe = "Some text in the middle of a prompt."
+    return len(build_prompt(tokenizer, probe, chat_template)) - len(encode(tokenizer, probe))
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids of the tokenizer and of the model's generation config."""
+    ids: set[int] = set()
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if source is None:
+            continue
+        ids.update([source] if isinstance(source, int) else list(source))
+    return ids
+
+
+def newline_token_id(tokenizer) -> int:
+    """The token LongBench's pred.py stops at for samsum: ``tokenizer.encode("\\n")[-1]``."""
+    return encode(tokenizer, "\n")[-1]
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _forward_kwargs(model) -> dict:
+    """Ask only for the last position's logits where the model supports it (a 4K prompt's full logits
+    are ~800 MB in fp32 for a 49K vocabulary)."""
+    cls = type(model)
+    if cls not in _LOGITS_TO_KEEP:
+        _LOGITS_TO_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if _LOGITS_TO_KEEP[cls] else {}
+
+
+def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    hits = [text.find(s) for s in stop_strings if s and s in text]
+    return min(hits) if hits else None
+
+
+def generate(
+    model,
+    tokenizer,
+    policy: CachePolicy,
+    prompt_ids: Sequence[int] | torch.Tensor,
+    max_new_tokens: int,
+    *,
+    stop_strings: Iterable[str] = (),
+    stop_token_ids: Iterable[int] = (),
+    eos_ids: Iterable[int] | None = None,
+    min_new_tokens: int = 0,
+) -> Generation:
+    """Greedy-decode one prompt through a fresh cache of ``policy``.
+
+    Stops at an EOS id (``eos_ids``; default: the tokenizer's and the generation config's), at a
+    token of ``stop_token_ids``, or when the decoded answer contains one of ``stop_strings`` (the
+    text is cut before it), or after ``max_new_tokens``. Until ``min_new_tokens`` tokens exist, EOS
+    and stop tokens are masked out (``min_length`` in LongBench's ``generate`` call). EOS / stop
+    tokens are not part of the returned text.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    device = input_device(model)
+    ids = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids, dtype=torch.long)
+    ids = ids.reshape(1, -1).to(device)
+    n = ids.shape[1]
+    if n < 1:
+        raise ValueError("empty prompt")
+    eos = set(eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids)
+    stop_tokens = set(stop_token_ids)
+    enders = sorted(eos | stop_tokens)
+    stop_strings = [s for s in stop_strings if s]
+    kwargs = _forward_kwargs(model)
+
+    def pick(logits: torch.Tensor, produced: int) -> int:
+        logits = logits[0, -1]
+        if produced < min_new_tokens and enders:
+            logits = logits.clone()
+            logits[enders] = -math.inf
+        return int(logits.argmax())
+
+    reset_device_peak(device)
+    cache = policy.make_cache(model, prompt_length=n)
+    generated: list[int] = []
+    reason, text = "length", None
+    with torch.inference_mode():
+        with Stopwatch(device) as prefill_clock:
+            start = 0
+            for size in policy.prefill_chunks(n):
+                logits = model(ids[:, start : start + size], past_key_values=cache, use_cache=True, **kwargs).logits
+                start += size
+            token = pick(logits, 0)
+        with Stopwatch(device) as decode_clock:
+            while True:
+                if token in eos:
+                    reason = "eos"
+                    break
+                if token in stop_tokens:
+                    reason = "stop_token"
+                    break
+                generated.append(token)
+                if stop_strings:
+                    decoded = tokenizer.decode(generated, skip_special_tokens=True)
+                    cut = _find_stop(decoded, stop_strings)
+                    if cut is not None:
+                        reason, text = "stop_string", decoded[:cut]
+                        break
+                if len(generated) >= max_new_tokens:
+                    break
+                step = torch.tensor([[token]], dtype=torch.long, device=device)
+                logits = model(step, past_key_values=cache, use_cache=True, **kwargs).logits
+                token = pick(logits, len(generated))
+    if text is None:
+        text = tokenizer.decode(generated, skip_special_tokens=True)
+    produced = len(generated) + (reason in ("eos", "stop_token"))  # the ending token was generated too
+    return Generation(
+        text=text,
+        token_ids=generated,
+        prompt_tokens=n,
+        generated_tokens=produced,
+        stop_reason=reason,
+        prefill_s=prefill_clock.seconds,
+        decode_s=decode_clock.seconds,
+        peak_device_bytes=device_peak_bytes(device),
+        peak_rss_bytes=peak_rss_bytes(),
+        cache_stats=dict(cache.stats()) if hasattr(cache, "stats") else {},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+def summarize(generations: Sequence[Generation], wall_s: float) -> dict:
+    """Run-level speed and memory over a task's generations (``TaskResult.stats``)."""
+    if not generations:
+        return {"wall_s": wall_s}
+    prompt = sum(g.prompt_tokens for g in generations)
+    produced = sum(g.generated_tokens for g in generations)
+    prefill_s = sum(g.prefill_s for g in generations)
+    decode_s = sum(g.decode_s for g in generations)
+    steps = sum(g.decode_steps for g in generations)
+    device_peaks = [g.peak_device_bytes for g in generations if g.peak_device_bytes is not None]
+    stats = {
+        "wall_s": wall_s,
+        "samples": len(generations),
+        "prompt_tokens_mean": prompt / len(generations),
+        "prompt_tokens_max": max(g.prompt_tokens for g in generations),
+        "generated_tokens_mean": produced / len(generations),
+        # every prompt and generated token processed, per second of generation time
+        "tokens_per_s": (prompt + produced) / (prefill_s + decode_s) if prefill_s + decode_s > 0 else None,
+        "prefill_tokens_per_s": prompt / prefill_s if prefill_s > 0 else None,
+        "decode_tokens_per_s": steps / decode_s if steps and decode_s > 0 else None,
+        "prefill_s": prefill_s,
+        "decode_s": decode_s,
+        "peak_rss_bytes": max(g.peak_rss_bytes for g in generations),
+        "peak_device_bytes": max(device_peaks) if device_peaks else None,
+    }
+    keys = sorted({k for g in generations for k in g.cache_stats})
+    for key in keys:
+        values = [g.cache_stats[key] for g in generations if isinstance(g.cache_stats.get(key), (int, float))]
+        if values:
+            stats[key] = max(values) if key.endswith(("_max", "_allocated")) else sum(values) / len(values)
+    return stats

@@ -1,0 +1,189 @@
+"""LongBench v1 through any cache policy (``task=longbench``).
+
+Data, prompts, truncation and metrics are LongBench's official ones (:mod:`tasks.longbench_data`):
+per sample the official prompt is tokenized, middle-truncated to ``max_length`` tokens (first and
+last halves, decoded and joined, as in ``pred.py``), wrapped in the model's chat template unless the
+dataset is one of ``NO_CHAT_TEMPLATE`` (trec, triviaqa, samsum, lsht, lcc, repobench-p), and
+answered greedily with at most ``MAX_NEW_TOKENS[dataset]`` tokens; samsum also stops at the newline
+token and must produce at least one token first (``pred.py``'s ``eos_token_id=[eos, "\\n"]`` and
+``min_length``). ``longbench/<dataset>`` is ``eval.py``'s score (0-100, not rounded),
+``longbench/avg`` the mean over the datasets run; each sample keeps its own score in [0, 1].
+
+``max_length`` defaults to the model's max length minus the dataset's ``MAX_NEW_TOKENS``, so the
+prompt and its answer fit in the positions the model was trained on (the official per-model
+``model2maxlen`` values leave this room too, e.g. 3500 for Llama-2's 4096).
+
+Generation and compression: :mod:`tasks.generation` (a new cache per sample, the whole prompt =
+context + question compressed as one sequence, as in the paper; a fractional budget resolves
+against the prompt length).
+
+Why not lm-eval's LongBench tasks as the engine: lm-eval generates through ``model.generate()``
+(HFLM), which builds absolute ``position_ids`` and a growing attention mask that do not match a
+compacted, position-shifted cache, and it would need a custom LM wrapper for every policy. So the
+generation runs on our own loop and lm-eval's role is limited to cross-checking the metrics
+(``tests/test_longbench_data.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from tqdm.auto import tqdm
+
+from tasks import generation as gen
+from tasks import longbench_data as lb
+from tasks.base import RunContext, Task, TaskConfigError, TaskResult
+
+DATASET_GROUPS = {"english": lb.ENGLISH_DATASETS, "all": lb.LONGBENCH_DATASETS}
+
+
+def _dataset_list(datasets) -> list[str]:
+    if isinstance(datasets, str):
+        if datasets in DATASET_GROUPS:
+            return list(DATASET_GROUPS[datasets])
+        datasets = [d.strip() for d in datasets.split(",") if d.strip()]
+    datasets = list(datasets)
+    if not datasets:
+        raise TaskConfigError("task.datasets is empty; give english, all, or a list of LongBench datasets")
+    unknown = [d for d in datasets if d not in lb.LONGBENCH_DATASETS]
+    if unknown:
+        raise TaskConfigError(
+            f"unknown LongBench dataset(s) {unknown}; valid: english, all, or a list of: {', '.join(lb.LONGBENCH_DATASETS)}"
+        )
+    if len(set(datasets)) != len(datasets):
+        raise TaskConfigError(f"task.datasets lists a dataset twice: {datasets}")
+    return datasets
+
+
+@dataclass
+class LongBenchTask(Task):
+    name: ClassVar[str] = "longbench"
+
+    datasets: list[str] | str = "english"
+    source: str | None = None  # None / "hub": THUDM/LongBench; else a directory (or data.zip)
+    limit: int | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        self.datasets = _dataset_list(self.datasets)
+        if self.limit is not None and (int(self.limit) != self.limit or self.limit < 1):
+            raise TaskConfigError(f"task.limit={self.limit} must be a positive integer or null")
+        if self.max_length is not None and (int(self.max_length) != self.max_length or self.max_length < 2):
+            raise TaskConfigError(f"task.max_length={self.max_length} must be an integer >= 2 or null")
+        self._data: dict[str, list[dict]] = {}  # loaded datasets (check() may load them before run())
+
+    @property
+    def local(self) -> bool:
+        return self.source not in (None, "hub")
+
+    def check(self, model_config, policy, max_length) -> None:
+        """Before the model loads: a local source must hold every dataset (files opened, not read); from the
+        hub, the datasets are loaded now (and kept for ``run``), so an unreachable hub fails early too."""
+        if not self.local:
+            for dataset in self.datasets:
+                self.load(dataset)
+            return
+        root = Path(self.source).expanduser()
+        if not root.exists():
+            raise TaskConfigError(
+                f"task.source={self.source!r} does not exist; give a directory holding LongBench's "
+                "<dataset>.jsonl files (the unzipped data.zip), data.zip itself, or null for the hub"
+            )
+        missing = []
+        for dataset in self.datasets:
+            try:
+                lb.load(dataset, self.source, limit=0)  # opens the file / zip member, reads nothing
+            except (FileNotFoundError, ValueError) as err:
+                missing.append((dataset, str(err)))
+        if missing:
+            names = [d for d, _ in missing]
+            raise TaskConfigError(
+                f"task.source={self.source!r} lacks LongBench dataset(s) {names} ({missing[0][1]}); "
+                f"choose task.datasets among those present, or add the files"
+            )
+
+    def load(self, dataset: str) -> list[dict]:
+        if dataset in self._data:
+            return self._data[dataset]
+        try:
+            records = lb.load(dataset, self.source, limit=self.limit)
+        except (FileNotFoundError, ValueError, RuntimeError) as err:
+            hint = "" if self.local else " (for this task: task.source=/path/to/LongBench/data)"
+            raise TaskConfigError(f"{err}{hint}") from None
+        if not records:
+            raise TaskConfigError(f"LongBench dataset {dataset!r} from {self.source or lb.HUB_REPO} has no samples")
+        self._data[dataset] = records
+        return records
+
+    def truncation_length(self, dataset: str, model_max_length: int | None) -> int | None:
+        if self.max_length is not None:
+            return self.max_length
+        if model_max_length is None:
+            return None
+        return max(2, model_max_length - lb.MAX_NEW_TOKENS[dataset])
+
+    def prompt_ids(self, tokenizer, dataset: str, record: dict, max_length: int | None) -> tuple[list[int], bool]:
+        """(prompt token ids, whether the prompt was truncated), as pred.py builds them."""
+        text = lb.build_prompt(dataset, record)
+        ids = gen.encode(tokenizer, text)
+        truncated = max_length is not None and len(ids) > max_length
+        if truncated:
+            kept = lb.truncate_middle(ids, max_length)
+            half = len(kept) // 2
+            text = tokenizer.decode(kept[:half], skip_special_tokens=True) + tokenizer.decode(kept[half:], skip_special_tokens=True)
+        use_chat = dataset not in lb.NO_CHAT_TEMPLATE
+        try:
+            return gen.build_prompt(tokenizer, text, use_chat), truncated
+        except gen.ChatTemplateError as err:
+            raise TaskConfigError(f"LongBench {dataset} uses the chat template: {err}") from None
+
+    def run(self, ctx: RunContext) -> TaskResult:
+        data = {dataset: self.load(dataset) for dataset in self.datasets}  # fail on data before generating
+        eos = gen.eos_token_ids(ctx.model, ctx.tokenizer)
+        metrics: dict[str, float] = {}
+        samples: list[dict] = []
+        generations: list[gen.Generation] = []
+        bar = tqdm(total=sum(map(len, data.values())), desc=f"longbench {ctx.policy.name}", unit="sample",
+                   disable=not ctx.progress)
+        started = time.perf_counter()
+        for dataset, records in data.items():
+            max_length = self.truncation_length(dataset, ctx.max_length)
+            stop_tokens = [gen.newline_token_id(ctx.tokenizer)] if dataset in lb.STOP_AT_NEWLINE else []
+            preds, answers, classes = [], [], []
+            for index, record in enumerate(records):
+                prompt, truncated = self.prompt_ids(ctx.tokenizer, dataset, record, max_length)
+                out = gen.generate(
+                    ctx.model, ctx.tokenizer, ctx.policy, prompt, lb.MAX_NEW_TOKENS[dataset],
+                    eos_ids=eos, stop_token_ids=stop_tokens, min_new_tokens=1 if stop_tokens else 0,
+                )
+                generations.append(out)
+                refs = list(record["answers"]) if not isinstance(record["answers"], str) else [record["answers"]]
+                cls = record.get("all_classes")
+                preds.append(out.text)
+                answers.append(refs)
+                classes.append(cls)
+                samples.append({
+                    "dataset": dataset,
+                    "index": index,
+                    "id": record.get("_id"),
+                    "prediction": out.text,
+                    "references": refs,
+                    "score": lb.sample_score(dataset, out.text, refs, cls),
+                    "length": record.get("length"),
+                    "truncated": truncated,
+                    **out.record(),
+                })
+                bar.update(1)
+            metrics[f"longbench/{dataset}"] = lb.score(dataset, preds, answers, classes)
+            bar.set_postfix({dataset: f"{metrics[f'longbench/{dataset}']:.1f}"})
+        bar.close()
+        metrics["longbench/avg"] = sum(metrics[f"longbench/{d}"] for d in self.datasets) / len(self.datasets)
+        stats = gen.summarize(generations, time.perf_counter() - started)
+        stats["truncated_samples"] = sum(s["truncated"] for s in samples)
+        return TaskResult(metrics=metrics, samples=samples, stats=stats)
+
+    def describe(self) -> dict:
+        return {"task": self.name, "datasets": ",".join(self.datasets), "limit": self.limit, "max_length": self.max_length}

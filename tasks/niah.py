@@ -1,0 +1,277 @@
+"""Needle in a haystack: pass-key retrieval over a grid of context lengths x depths (``task=niah``).
+
+As in LaCache's ``niah/pred.py`` (after landmark attention's pass-key test): a random numeric pass
+key is hidden in a long irrelevant text and the model is asked for it::
+
+    There is important information hidden in a lot of irrelevant text. Find it and memorize it. ...
+    <haystack before> The pass key is 52719. Remember it. 52719 is the pass key. <haystack after>
+    What is the pass key? The pass key is
+
+Differences from the reference: the haystack is Paul Graham's essays (``lacache.assets.essays_text``,
+whole sentences from a seeded random start) instead of "The grass is green ..." repeated; the
+context length is met in tokens of the model's own tokenizer (prompt + ``max_new_tokens`` fit in
+it, as close as whole sentences allow) instead of a character count; the key is inserted between
+sentences at ``depth`` (fraction of the haystack's sentences before it); the answer is correct when
+the pass key occurs in the generated text as a whole number (the reference: as a substring), and
+``pass_key_digits`` fixes the key's digit count (the reference: 1..99999).
+``chat_template=true`` puts the prompt (without the final "The pass key is") in the chat template
+and appends "The pass key is" after the generation prompt; the default is the reference's plain prompt.
+
+Sample ``i`` of every cell uses the same pass key and haystack start (seeded by ``seed`` and ``i``),
+so a row or column of the grid differs only in length or depth.
+
+Generation and compression: :mod:`tasks.generation` (a new cache per sample, the whole prompt
+compressed as one sequence; a fractional budget resolves against the prompt length, like the
+reference's ``int(budget * prompt_tokens)``).
+
+Output: ``niah/acc`` (fraction correct over all cells, each cell weighted equally),
+``curves["niah_grid"]`` (one point per cell: ``context_length``, ``depth``, ``acc``, mean prompt
+tokens), per-sample records, and an accuracy heatmap PNG (depth x length) under ``artifacts_dir``
+(``TaskResult.artifacts["niah_heatmap"]``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from tqdm.auto import tqdm
+
+from lacache.assets import essays_text
+from tasks import generation as gen
+from tasks.base import RunContext, Task, TaskConfigError, TaskResult
+from tasks.ruler import check_context_length
+from tasks.ruler_data import split_sentences
+
+TASK_DESCRIPTION = (
+    "There is important information hidden in a lot of irrelevant text. "
+    "Find it and memorize it. You will be quizzed on this hidden information."
+)
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key?"
+ANSWER_PREFIX = "The pass key is"
+
+
+@functools.lru_cache(maxsize=1)
+def haystack_sentences() -> tuple[str, ...]:
+    return tuple(" ".join(s.split()) for s in split_sentences(essays_text()))
+
+
+def _rng(*parts) -> random.Random:
+    digest = hashlib.sha256("|".join(map(str, ("lacache-niah", *parts))).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def recovered(pass_key: str, text: str) -> bool:
+    """The pass key occurs in ``text`` as a whole number (not inside a longer one)."""
+    return re.search(rf"(?<!\d){re.escape(pass_key)}(?!\d)", text) is not None
+
+
+@dataclass
+class NeedleSample:
+    context_length: int
+    depth: float
+    index: int
+    pass_key: str
+    prompt_ids: list[int]
+    haystack_sentences: int
+    needle_sentence: int  # haystack sentences before the needle
+
+
+@dataclass
+class NeedleTask(Task):
+    name: ClassVar[str] = "niah"
+
+    context_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    num_samples: int = 5
+    seed: int = 42
+    pass_key_digits: int = 5
+    max_new_tokens: int = 16
+    chat_template: bool = False
+    allow_long: bool = False
+    artifacts_dir: str = "runs/artifacts"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.context_lengths, int):
+            self.context_lengths = [self.context_lengths]
+        if isinstance(self.depths, (int, float)):
+            self.depths = [self.depths]
+        self.context_lengths = list(self.context_lengths)
+        self.depths = [float(d) for d in self.depths]
+        if not self.context_lengths or any(int(n) != n or n < 1 for n in self.context_lengths):
+            raise TaskConfigError(f"task.context_lengths={self.context_lengths} must be a non-empty list of positive integers")
+        if len(set(self.context_lengths)) != len(self.context_lengths):
+            raise TaskConfigError(f"task.context_lengths={self.context_lengths} repeats a length")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
+            raise TaskConfigError(f"task.depths={self.depths} must be a non-empty list of fractions in [0, 1]")
+        if len(set(self.depths)) != len(self.depths):
+            raise TaskConfigError(f"task.depths={self.depths} repeats a depth")
+        if int(self.num_samples) != self.num_samples or self.num_samples < 1:
+            raise TaskConfigError(f"task.num_samples={self.num_samples} must be a positive integer")
+        if not 1 <= self.pass_key_digits <= 30:
+            raise TaskConfigError(f"task.pass_key_digits={self.pass_key_digits} must be in [1, 30]")
+        if self.max_new_tokens < 1:
+            raise TaskConfigError(f"task.max_new_tokens={self.max_new_tokens} must be >= 1")
+
+    def check(self, model_config, policy, max_length) -> None:
+        check_context_length(max(self.context_lengths), max_length, self.allow_long, "max(task.context_lengths)")
+
+    # ------------------------------------------------------------------ data
+    def pass_key(self, index: int) -> str:
+        rng = _rng(self.seed, index, "key")
+        return str(rng.randint(10 ** (self.pass_key_digits - 1), 10**self.pass_key_digits - 1))
+
+    def prompt_ids(self, tokenizer, before: list[str], after: list[str], key: str) -> list[int]:
+        haystack = " ".join([*before, NEEDLE.format(key=key), *after])
+        if self.chat_template:
+            return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}\n{QUESTION}", True, ANSWER_PREFIX)
+        return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}\n{QUESTION} {ANSWER_PREFIX}", False)
+
+    def build(self, tokenizer, context_length: int, depth: float, index: int, counts: dict) -> NeedleSample:
+        """The sample whose prompt, with ``max_new_tokens``, fills ``context_length`` as closely as whole sentences allow."""
+        sentences = haystack_sentences()
+        total = len(sentences)
+        start = _rng(self.seed, index, "start").randrange(total)
+        key = self.pass_key(index)
+        budget = context_length - self.max_new_tokens
+
+        def sentence(i: int) -> str:
+            return sentences[(start + i) % total]
+
+        def count(i: int) -> int:  # tokens of one sentence (with its joining space), cached per run
+            j = (start + i) % total
+            if j not in counts:
+                batch = [(j + k) % total for k in range(64) if (j + k) % total not in counts]
+                for b, ids in zip(batch, tokenizer([" " + sentences[b] for b in batch], add_special_tokens=False).input_ids):
+                    counts[b] = len(ids)
+            return counts[j]
+
+        def make(k: int) -> list[int]:
+            cut = round(depth * k)
+            return self.prompt_ids(tokenizer, [sentence(i) for i in range(cut)], [sentence(i) for i in range(cut, k)], key)
+
+        fixed = len(make(0))
+        if fixed > budget:
+            raise TaskConfigError(
+                f"niah: context_length={context_length} leaves no room for a haystack (the prompt without one "
+                f"has {fixed} tokens, plus max_new_tokens={self.max_new_tokens})"
+            )
+        k, used = 0, fixed
+        while k < total and used + count(k) <= budget:  # estimate from per-sentence counts
+            used += count(k)
+            k += 1
+        ids = make(k)
+        while len(ids) > budget and k > 0:  # joined text tokenizes a little differently: fix exactly
+            k -= 1
+            ids = make(k)
+        while k < total:
+            longer = make(k + 1)
+            if len(longer) > budget:
+                break
+            k, ids = k + 1, longer
+        return NeedleSample(context_length, depth, index, key, ids, k, round(depth * k))
+
+    def samples(self, tokenizer) -> list[NeedleSample]:
+        if self.chat_template and not gen.has_chat_template(tokenizer):
+            raise TaskConfigError("task.chat_template=true but the tokenizer has no chat template; set it to false")
+        counts: dict[int, int] = {}
+        return [
+            self.build(tokenizer, length, depth, index, counts)
+            for length in self.context_lengths
+            for depth in self.depths
+            for index in range(self.num_samples)
+        ]
+
+    # ------------------------------------------------------------------ run
+    def run(self, ctx: RunContext) -> TaskResult:
+        check_context_length(max(self.context_lengths), ctx.max_length, self.allow_long, "max(task.context_lengths)")
+        drawn = self.samples(ctx.tokenizer)
+        records, generations = [], []
+        started = time.perf_counter()
+        for sample in tqdm(drawn, desc=f"niah {ctx.policy.name}", unit="sample", disable=not ctx.progress):
+            out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, sample.prompt_ids, self.max_new_tokens)
+            generations.append(out)
+            records.append({
+                "context_length": sample.context_length,
+                "depth": sample.depth,
+                "index": sample.index,
+                "pass_key": sample.pass_key,
+                "prediction": out.text,
+                "score": float(recovered(sample.pass_key, out.text)),
+                "haystack_sentences": sample.haystack_sentences,
+                **out.record(),
+            })
+        wall = time.perf_counter() - started
+        grid = []
+        for length in self.context_lengths:
+            for depth in self.depths:
+                cell = [r for r in records if r["context_length"] == length and r["depth"] == depth]
+                grid.append({
+                    "context_length": length,
+                    "depth": depth,
+                    "acc": sum(r["score"] for r in cell) / len(cell),
+                    "prompt_tokens_mean": sum(r["prompt_tokens"] for r in cell) / len(cell),
+                })
+        metrics = {"niah/acc": sum(p["acc"] for p in grid) / len(grid)}
+        path = self.heatmap(grid, ctx, metrics["niah/acc"])
+        return TaskResult(
+            metrics=metrics,
+            curves={"niah_grid": grid},
+            samples=records,
+            stats=gen.summarize(generations, wall),
+            artifacts={"niah_heatmap": str(path)},
+        )
+
+    # ------------------------------------------------------------------ figure
+    def artifact_path(self, ctx: RunContext) -> Path:
+        """A file name that is stable for one configuration and distinct across configurations."""
+        model = getattr(getattr(ctx.model, "config", None), "_name_or_path", "") or type(ctx.model).__name__
+        identity = {"model": str(model), "policy": ctx.policy.describe(), "task": self.describe(), "seed": ctx.seed,
+                    "depths": self.depths, "max_new_tokens": self.max_new_tokens, "chat": self.chat_template,
+                    "digits": self.pass_key_digits}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        budget = ctx.policy.budget
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{ctx.policy.name}-{'full' if budget is None else budget}")
+        return Path(self.artifacts_dir) / f"niah_{slug}_{digest}.png"
+
+    def heatmap(self, grid: list[dict], ctx: RunContext, acc: float) -> Path:
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure  # no pyplot: no global backend switch
+
+        values = np.array([[next(p["acc"] for p in grid if p["context_length"] == n and p["depth"] == d)
+                            for n in self.context_lengths] for d in self.depths])
+        fig = Figure(figsize=(1.4 * len(self.context_lengths) + 2.5, 0.6 * len(self.depths) + 1.8), dpi=120)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        image = ax.imshow(100 * values, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
+        ax.set_xticks(range(len(self.context_lengths)), [f"{n}" for n in self.context_lengths])
+        ax.set_yticks(range(len(self.depths)), [f"{100 * d:.0f}%" for d in self.depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("depth of the pass key")
+        for i in range(len(self.depths)):
+            for j in range(len(self.context_lengths)):
+                ax.text(j, i, f"{100 * values[i, j]:.0f}", ha="center", va="center", fontsize=9)
+        describe = " ".join(f"{k}={v}" for k, v in ctx.policy.describe().items() if v is not None)
+        ax.set_title(f"NIAH pass key ({describe})\naccuracy {100 * acc:.1f}%, {self.num_samples}/cell", fontsize=9)
+        fig.colorbar(image, ax=ax, label="accuracy (%)")
+        fig.tight_layout()
+        path = self.artifact_path(ctx)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        return path
+
+    def describe(self) -> dict:
+        return {
+            "task": self.name,
+            "context_lengths": ",".join(map(str, self.context_lengths)),
+            "num_samples": self.num_samples,
+        }

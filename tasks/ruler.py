@@ -1,0 +1,148 @@
+"""RULER's 13 synthetic long-context tasks through any cache policy (``task=ruler``).
+
+Samples come from :mod:`tasks.ruler_data` (NVIDIA's RULER templates, data and metrics) for the
+model's own tokenizer. Each prompt is RULER's input wrapped as one user message of the model's chat
+template (applied after generation: RULER's niah rewrites 'are' -> 'is' in its template, which would
+mangle a chat system prompt), followed by the task's answer prefix after the generation prompt;
+``chat_template=false`` feeds ``input + answer_prefix`` plainly (RULER's 'base' template).
+
+The chat wrapper's tokens are taken out of the generation budget, so prompt + ``max_new_tokens``
+stays within ``context_length`` (RULER's rule); the actual prompt lengths are recorded per sample
+(``length``: RULER's text without the wrapper; ``prompt_tokens``: what the model was fed).
+
+Generation and compression: :mod:`tasks.generation` (greedy, a new cache per sample, the whole
+prompt compressed as one sequence; a fractional budget resolves against the prompt length).
+
+Metrics (RULER's scale, 0-100): ``ruler/<task>`` (string_match_all, or string_match_part for qa)
+and ``ruler/avg`` (mean over the tasks run). Each sample carries its own score in [0, 1].
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from tqdm.auto import tqdm
+
+from tasks import generation as gen
+from tasks import ruler_data
+from tasks.base import RunContext, Task, TaskConfigError, TaskResult
+
+
+def _task_list(tasks) -> list[str]:
+    if isinstance(tasks, str):
+        tasks = list(ruler_data.RULER_TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    tasks = list(tasks)
+    if not tasks:
+        raise TaskConfigError(f"task.tasks is empty; valid RULER tasks: {', '.join(ruler_data.RULER_TASKS)} (or 'all')")
+    unknown = [t for t in tasks if t not in ruler_data.RULER_TASKS]
+    if unknown:
+        raise TaskConfigError(
+            f"unknown RULER task(s) {unknown}; valid: {', '.join(ruler_data.RULER_TASKS)} (or 'all')"
+        )
+    if len(set(tasks)) != len(tasks):
+        raise TaskConfigError(f"task.tasks lists a task twice: {tasks}")
+    return tasks
+
+
+def check_context_length(context_length: int, max_length: int | None, allow_long: bool, what: str = "task.context_length") -> None:
+    """Refuse a context longer than the model's max length unless ``allow_long`` (then warn)."""
+    if max_length is None or context_length <= max_length:
+        return
+    message = f"{what}={context_length} exceeds the model's max length {max_length}"
+    if not allow_long:
+        raise TaskConfigError(f"{message}; lower it, or set task.allow_long=true to run past it anyway")
+    warnings.warn(f"{message}; running anyway (allow_long=true)", stacklevel=3)
+
+
+@dataclass
+class RulerTask(Task):
+    name: ClassVar[str] = "ruler"
+
+    tasks: list[str] | str = field(default_factory=lambda: list(ruler_data.RULER_TASKS))
+    context_length: int = 4096
+    num_samples: int = 5
+    seed: int = 42
+    chat_template: bool = True
+    allow_long: bool = False
+
+    def __post_init__(self) -> None:
+        self.tasks = _task_list(self.tasks)
+        if int(self.context_length) != self.context_length or self.context_length < 1:
+            raise TaskConfigError(f"task.context_length={self.context_length} must be a positive integer")
+        if int(self.num_samples) != self.num_samples or self.num_samples < 1:
+            raise TaskConfigError(f"task.num_samples={self.num_samples} must be a positive integer")
+
+    def check(self, model_config, policy, max_length) -> None:
+        check_context_length(self.context_length, max_length, self.allow_long)
+
+    # ------------------------------------------------------------------ data
+    def samples(self, tokenizer) -> dict[str, list[tuple[ruler_data.RulerSample, list[int]]]]:
+        """Per task: (RULER sample, prompt token ids), the prompt fitting ``context_length`` with its answer."""
+        try:
+            overhead = gen.chat_overhead(tokenizer, self.chat_template)
+        except gen.ChatTemplateError as err:
+            raise TaskConfigError(str(err)) from None
+        out = {}
+        for task in self.tasks:
+            try:
+                drawn = ruler_data.generate(task, tokenizer, self.context_length - max(0, overhead), self.num_samples, self.seed)
+            except ValueError as err:
+                raise TaskConfigError(f"RULER {task} at context_length={self.context_length}: {err}") from None
+            out[task] = [(s, self.prompt_ids(tokenizer, s)) for s in drawn]
+        return out
+
+    def prompt_ids(self, tokenizer, sample: ruler_data.RulerSample) -> list[int]:
+        prefix = sample.answer_prefix
+        if self.chat_template:
+            wrapped = gen.apply_chat(tokenizer, sample.input)
+            if wrapped[-1:].isspace():  # "...assistant\n" + "Answer:", not "...assistant\n Answer:"
+                prefix = prefix.lstrip()
+            return gen.encode(tokenizer, wrapped + prefix)
+        return gen.build_prompt(tokenizer, sample.input, False, prefix)
+
+    # ------------------------------------------------------------------ run
+    def run(self, ctx: RunContext) -> TaskResult:
+        check_context_length(self.context_length, ctx.max_length, self.allow_long)
+        drawn = self.samples(ctx.tokenizer)
+        metrics: dict[str, float] = {}
+        samples: list[dict] = []
+        generations: list[gen.Generation] = []
+        total = sum(len(v) for v in drawn.values())
+        bar = tqdm(total=total, desc=f"ruler {ctx.policy.name}", unit="sample", disable=not ctx.progress)
+        started = time.perf_counter()
+        for task, items in drawn.items():
+            preds, refs = [], []
+            for sample, prompt in items:
+                out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, prompt, sample.max_new_tokens)
+                generations.append(out)
+                preds.append(out.text)
+                refs.append(list(sample.outputs))
+                samples.append({
+                    "task": task,
+                    "index": sample.index,
+                    "prediction": out.text,
+                    "references": list(sample.outputs),
+                    "score": ruler_data.score(task, [out.text], [list(sample.outputs)]) / 100,
+                    "length": sample.length,
+                    **out.record(),
+                })
+                bar.update(1)
+            metrics[f"ruler/{task}"] = ruler_data.score(task, preds, refs)
+            bar.set_postfix({task: f"{metrics[f'ruler/{task}']:.0f}"})
+        bar.close()
+        wall = time.perf_counter() - started
+        metrics["ruler/avg"] = sum(metrics[f"ruler/{t}"] for t in self.tasks) / len(self.tasks)
+        stats = gen.summarize(generations, wall)
+        stats["length_mean"] = sum(s["length"] for s in samples) / len(samples)
+        return TaskResult(metrics=metrics, samples=samples, stats=stats)
+
+    def describe(self) -> dict:
+        return {
+            "task": self.name,
+            "context_length": self.context_length,
+            "num_samples": self.num_samples,
+            "subtasks": ",".join(self.tasks),
+        }
