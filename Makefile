@@ -35,7 +35,13 @@ test: setup ## set up, then run the whole test suite (unit tests + real-model in
 test-fast: setup ## unit tests only (skips the tests that load the real SmolLM2)
 	$(PY) -m pytest -q -m "not slow"
 
+bench: setup ## speed and memory of every policy side by side on SmolLM2-135M (CPU); records in runs/records
+	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 256 2048 --steps 48
+
+ladder: setup ## draw the ladder (kept positions per layer) to reports/ladder.png
+	$(PY) -m lacache.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --sink 4 --tokens 600 --out reports/ladder.png
+
 clean: ## remove run outputs (keeps .venv and the model cache)
 	rm -rf runs/records runs/.hydra runs/wandb reports
 
-.PHONY: help setup demo test test-fast clean
+.PHONY: help setup demo test test-fast bench ladder clean

@@ -6,9 +6,10 @@ template (applied after generation: RULER's niah rewrites 'are' -> 'is' in its t
 mangle a chat system prompt), followed by the task's answer prefix after the generation prompt;
 ``chat_template=false`` feeds ``input + answer_prefix`` plainly (RULER's 'base' template).
 
-The chat wrapper's tokens are taken out of the generation budget, so prompt + ``max_new_tokens``
-stays within ``context_length`` (RULER's rule); the actual prompt lengths are recorded per sample
-(``length``: RULER's text without the wrapper; ``prompt_tokens``: what the model was fed).
+The chat wrapper's tokens count against the haystack, so prompt + ``max_new_tokens`` stays within
+``context_length`` (RULER's rule, where the model template is part of the generated text); the
+actual lengths are recorded per sample (``length``: RULER's text without the wrapper;
+``prompt_tokens``: what the model was fed).
 
 Generation and compression: :mod:`tasks.generation` (greedy, a new cache per sample, the whole
 prompt compressed as one sequence; a fractional budget resolves against the prompt length).
@@ -57,6 +58,17 @@ def check_context_length(context_length: int, max_length: int | None, allow_long
     warnings.warn(f"{message}; running anyway (allow_long=true)", stacklevel=3)
 
 
+class _CountingWrapper:
+    """What ruler_data sees of the tokenizer (it only counts tokens): every text counts ``extra``
+    tokens more, the chat wrapper's, so the haystack leaves room for it."""
+
+    def __init__(self, tokenizer, extra: int):
+        self.tokenizer, self.extra = tokenizer, extra
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [0] * self.extra + list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+
 @dataclass
 class RulerTask(Task):
     name: ClassVar[str] = "ruler"
@@ -80,17 +92,24 @@ class RulerTask(Task):
 
     # ------------------------------------------------------------------ data
     def samples(self, tokenizer) -> dict[str, list[tuple[ruler_data.RulerSample, list[int]]]]:
-        """Per task: (RULER sample, prompt token ids), the prompt fitting ``context_length`` with its answer."""
+        """Per task: (RULER sample, prompt token ids), the prompt fitting ``context_length`` with its answer.
+
+        The chat wrapper's tokens count against the length: RULER sizes the haystack with a token
+        counter that adds them, while ``context_length`` itself (which also picks cwe's repetitions and
+        fwe's vocabulary) stays the nominal one. ``length`` of the returned samples is RULER's text alone."""
         try:
-            overhead = gen.chat_overhead(tokenizer, self.chat_template)
+            overhead = max(0, gen.chat_overhead(tokenizer, self.chat_template))
         except gen.ChatTemplateError as err:
             raise TaskConfigError(str(err)) from None
+        counter = _CountingWrapper(tokenizer, overhead)
         out = {}
         for task in self.tasks:
             try:
-                drawn = ruler_data.generate(task, tokenizer, self.context_length - max(0, overhead), self.num_samples, self.seed)
+                drawn = ruler_data.generate(task, counter, self.context_length, self.num_samples, self.seed)
             except ValueError as err:
                 raise TaskConfigError(f"RULER {task} at context_length={self.context_length}: {err}") from None
+            for sample in drawn:
+                sample.length -= overhead
             out[task] = [(s, self.prompt_ids(tokenizer, s)) for s in drawn]
         return out
 

@@ -184,3 +184,17 @@ def test_every_policy_reports_entries_and_bytes(tiny_model):
         assert len(cache.entries_per_layer()) == 8
         assert stats["kv_entries_per_layer_max"] == (80 if policy.name == "full" else 41)
         assert stats["kv_bytes_max"] > 0 and stats["kv_bytes_mean"] <= stats["kv_bytes_max"]
+
+
+@pytest.mark.slow
+def test_smollm2_decoding_keeps_exactly_the_predicted_positions(smollm2):
+    """Through the real cache on the real model (30 layers, 3 KV heads): a compacting budget with wraps."""
+    model, tokenizer = smollm2
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 30, return_tensors="pt").input_ids[:, :260]
+    for span, overlap, budget in [(16, 0, 64), (8, 4, 80)]:
+        cache = LaCachePolicy(budget=budget, span=span, overlap=overlap, sink=4).make_cache(model)
+        logits = stream(model, cache, ids)
+        assert torch.isfinite(logits).all()
+        held = cache.kept_positions()
+        assert held[:, 0, 0].tolist() == kept_positions(30, span, overlap, budget, 4, ids.shape[1])
+        assert torch.equal(held, held[:, :1, :1].expand_as(held))
