@@ -105,6 +105,8 @@ def run(cfg: DictConfig) -> dict:
     ids = {"model": spec.name, **policy.describe(), **task.describe()}
     try:
         torch.manual_seed(cfg.seed)
+        if cfg.get("threads"):
+            torch.set_num_threads(cfg.threads)
         started = time.perf_counter()
         model, tokenizer = models.load(spec)
         load_s = time.perf_counter() - started
@@ -145,6 +147,7 @@ def summary(record: dict, path) -> str:
     for name, points in record["curves"].items():
         if points and "ppl" in points[0]:
             lines.append(f"[lacache] {name}: " + " ".join(f"{p['end']}:{p['ppl']:.1f}" for p in points))
+    lines.extend(f"[lacache] {name}: {file}" for name, file in record.get("artifacts", {}).items())
     lines.append(f"[lacache] record: {path}")
     return "\n".join(lines)
 

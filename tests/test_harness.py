@@ -67,7 +67,7 @@ def test_cli_ppl_on_smollm2_writes_a_record(tmp_path):
     assert "already done" in again.stdout
 
 
-@pytest.mark.parametrize("group, valid", [("cache", ["full", "lacache", "streamingllm", "h2o"]), ("task", ["ppl"])])
+@pytest.mark.parametrize("group, valid", [("cache", ["full", "lacache", "streamingllm", "h2o"]), ("task", ["ppl", "ruler", "longbench", "niah"])])
 def test_unknown_group_choice_names_the_valid_ones(group, valid, tmp_path):
     result = run_cli(f"{group}=nonexistent", f"runs_dir={tmp_path}")
     assert result.returncode != 0
