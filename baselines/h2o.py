@@ -55,15 +55,15 @@ def attention_column_sums(query, key, attention_mask, scaling) -> torch.Tensor:
 def _scored(base):
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         output, weights = base(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        observer = getattr(module, "lacache_score_observer", None)
-        observer = observer() if observer is not None else None
-        if observer is not None:
+        owner = getattr(module, "lacache_score_cache", None)
+        cache = owner() if owner is not None else None
+        if cache is not None and cache.awaiting_scores[module.layer_idx]:  # only for the forward this cache serves
             if weights is not None:
                 b, hq, _, kv = weights.shape
                 sums = weights.float().sum(dim=2).reshape(b, key.shape[1], hq // key.shape[1], kv).sum(dim=2)
             else:
                 sums = attention_column_sums(query, key, attention_mask, scaling or module.scaling)
-            observer(module.layer_idx, sums)
+            cache.observe(module.layer_idx, sums)
         return output, weights
 
     return attention
@@ -100,7 +100,7 @@ class HeavyHitterCache(CompactingCache):
         self.scores = None
         self.awaiting_scores = [False] * self.num_layers
         for module in _attention_modules(model):
-            module.lacache_score_observer = weakref.WeakMethod(self.observe)
+            module.lacache_score_cache = weakref.ref(self)
 
     def on_append(self, layer: int, start: int, count: int) -> None:
         if self.scores is None or self.scores.shape[-1] != self.keys.shape[3]:
@@ -112,10 +112,9 @@ class HeavyHitterCache(CompactingCache):
         self.awaiting_scores[layer] = True
 
     def observe(self, layer: int, column_sums: torch.Tensor) -> None:
-        """Add one forward's attention column sums (ignored unless this cache served that forward)."""
-        if self.awaiting_scores[layer]:
-            self.scores[layer, :, :, : column_sums.shape[-1]] += column_sums
-            self.awaiting_scores[layer] = False
+        """Add the attention column sums of the forward that just appended to ``layer``."""
+        self.scores[layer, :, :, : column_sums.shape[-1]] += column_sums
+        self.awaiting_scores[layer] = False
 
     def plan(self, length: int) -> Plan | None:
         if length <= self.budget:
@@ -128,10 +127,7 @@ class HeavyHitterCache(CompactingCache):
         return Plan(start=0, index=torch.cat([top, tail], dim=-1), new_length=self.budget)
 
     def on_compact(self, plan: Plan) -> None:
-        m = plan.index.shape[-1]
-        index = plan.index.expand(*self.scores.shape[:3], m)
-        moved = torch.gather(self.scores, 3, index)
-        self.scores[..., plan.start : plan.start + m] = moved
+        self.move(self.scores, plan)
 
     def entries_per_layer(self) -> list[int]:
         return [self.get_seq_length()] * self.num_layers

@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from lacache.kvcache import CompactingCache, Plan
 from lacache.policy import CachePolicy, PolicyConfigError
 
@@ -26,8 +24,7 @@ class SinkWindowCache(CompactingCache):
         if length <= self.budget:
             return None
         window = self.budget - self.sink
-        index = torch.arange(length - window, length, device=self.positions.device)[None, None, None, :]
-        return Plan(start=self.sink, index=index, new_length=self.budget)
+        return Plan(start=self.sink, index=None, new_length=self.budget, tail_source=length - window)
 
 
 @dataclass

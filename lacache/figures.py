@@ -81,3 +81,17 @@ def bench_table(frame) -> str:
             f"{'–' if peak != peak or peak is None else f'{peak / 2**30:.1f}'} |"
         )
     return "\n".join(lines)
+
+
+def metric_table(frame, task: str, prefix: str) -> str:
+    """Markdown table of the ``metrics.<prefix>/<name>`` columns of one task, one row per run."""
+    runs = frame[frame["task"] == task]
+    names = sorted({c.split("/", 1)[1] for c in runs.columns if c.startswith(f"metrics.{prefix}/")} - {"avg"}) + ["avg"]
+    lines = ["| run | " + " | ".join(names) + " |", "|" + "---|" * (1 + len(names))]
+    for _, row in runs.sort_values("policy").iterrows():
+        cells = []
+        for name in names:
+            value = row.get(f"metrics.{prefix}/{name}")
+            cells.append("–" if value is None or value != value else f"{value:.1f}")
+        lines.append(f"| {label(row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -31,11 +31,19 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 @dataclass
 class Plan:
-    """Output slots ``[start, start + index.shape[-1])`` take source slot ``index`` (per layer, batch, head)."""
+    """What a compaction keeps. Output slots ``[start, start + m)`` take the source slots in
+    ``index`` (per layer, batch, head; ``m = index.shape[-1]``, none if ``index`` is None); the
+    remaining output slots ``[start + m, new_length)`` take the contiguous source slots from
+    ``tail_source`` on (one slice copy for all layers: the common case of a shifting tail)."""
 
     start: int
-    index: torch.Tensor  # int64 [layers | 1, batch | 1, heads | 1, m], absolute source slots
+    index: torch.Tensor | None  # int64 [layers | 1, batch | 1, heads | 1, m], absolute source slots
     new_length: int
+    tail_source: int | None = None
+
+    @property
+    def gathered(self) -> int:
+        return 0 if self.index is None else self.index.shape[-1]
 
 
 class RotaryTable:
@@ -245,34 +253,39 @@ class CompactingCache(Cache):
         self.slot_steps += self.length
         self.pending = self.plan(self.length)
 
+    def move(self, buffer: torch.Tensor, plan: Plan, length: int | None = None) -> None:
+        """Apply ``plan`` in place to one per-slot buffer ``[L, B, H, capacity(, D)]``."""
+        n = self.length if length is None else length
+        start, m = plan.start, plan.gathered
+        if m:
+            index = plan.index.expand(*buffer.shape[:3], m)
+            if buffer.dim() == 5:
+                index = index[..., None].expand(*index.shape, buffer.shape[-1])
+            gathered = torch.gather(buffer[:, :, :, :n], 3, index)
+        if plan.tail_source is not None:
+            count = plan.new_length - start - m
+            tail = buffer[:, :, :, plan.tail_source : plan.tail_source + count].clone()  # source and target overlap
+            buffer[:, :, :, start + m : plan.new_length] = tail
+        if m:
+            buffer[:, :, :, start : start + m] = gathered
+
     def _apply(self, plan: Plan) -> None:
         """Move the kept slots into ``[start, new_length)`` and re-rotate exactly that region."""
-        start, index = plan.start, plan.index
-        m = index.shape[-1]
-        L, B, H, _, D = self.raw_keys.shape
-        index = index.expand(L, B, H, m)
-        gather_index = index[..., None].expand(L, B, H, m, D)
-        n = self.length
-        raw = torch.gather(self.raw_keys[:, :, :, :n], 3, gather_index)
-        value_index = index[..., None].expand(L, B, H, m, self.values.shape[-1])
-        values = torch.gather(self.values[:, :, :, :n], 3, value_index)
-        positions = torch.gather(self.positions[:, :, :, :n], 3, index)
-        self.raw_keys[:, :, :, start : start + m] = raw
-        self.values[:, :, :, start : start + m] = values
-        self.positions[:, :, :, start : start + m] = positions
-        self.rope.rotate_into(self.keys[:, :, :, start : start + m], raw, start)
-        self.length = plan.new_length
+        for buffer in (self.raw_keys, self.values, self.positions):
+            self.move(buffer, plan)
+        start, end = plan.start, plan.new_length
+        self.rope.rotate_into(self.keys[:, :, :, start:end], self.raw_keys[:, :, :, start:end], start)
         self.on_compact(plan)
+        self.length = plan.new_length
 
     # ------------------------------------------------------------------ reporting
     def kept_positions(self) -> torch.Tensor:
         """Original token positions held, ``[layers, batch, heads, slots]`` (after any pending compaction)."""
-        held = self.positions[:, :, :, : self.length]
-        plan = self.pending
-        if plan is None:
-            return held.clone()
-        moved = torch.gather(held, 3, plan.index.expand(*held.shape[:3], plan.index.shape[-1]))
-        return torch.cat([held[..., : plan.start], moved], dim=-1)
+        held = self.positions[:, :, :, : self.length].clone()
+        if self.pending is not None:
+            self.move(held, self.pending)
+            held = held[..., : self.pending.new_length]
+        return held
 
     def entries_per_layer(self) -> list[int]:
         return [self.get_seq_length()] * self.num_layers

@@ -40,6 +40,12 @@ class LadderCache(CompactingCache):
             self._layer_pattern = torch.arange(self.num_layers, device=device) % self.ladder.patterns
         lad, start = self.ladder, compaction.first_changed
         offsets = torch.arange(lad.patterns, device=device)[:, None]
+        if len(compaction.segments) == 1:  # every decode step: a small gather for the merged block, a shifted tail
+            seg = compaction.segments[0]
+            u = torch.arange(seg.count * lad.kept, device=device)[None, :]
+            merged = seg.cursor + torch.div(u, lad.kept, rounding_mode="floor") * lad.block + offsets + u % lad.kept
+            return Plan(start=seg.cursor, index=merged[self._layer_pattern][:, None, None, :],
+                        new_length=compaction.new_length, tail_source=seg.cursor + seg.count * lad.block)
         index, current = None, length
         for seg in compaction.segments:
             out_len = current - seg.count * lad.freed

@@ -198,3 +198,28 @@ def test_smollm2_decoding_keeps_exactly_the_predicted_positions(smollm2):
         held = cache.kept_positions()
         assert held[:, 0, 0].tolist() == kept_positions(30, span, overlap, budget, 4, ids.shape[1])
         assert torch.equal(held, held[:, :1, :1].expand_as(held))
+
+
+def test_bulk_compaction_keeps_exact_entries_rotated_at_their_slots():
+    """After an exact 150-token prefill and the bulk compaction, every kept entry equals the full
+    cache's entry for its original position, with the key rotated to its new slot index."""
+    from lacache.kvcache import RotaryTable
+
+    model = tiny_llama(seed=5)
+    ids = torch.randint(0, 128, (1, 151), generator=torch.Generator().manual_seed(2))
+    full = DynamicCache(config=model.config)
+    cache = LaCachePolicy(budget=60, span=4, overlap=0, sink=4).make_cache(model)
+    with torch.inference_mode():
+        model(ids[:, :150], past_key_values=full)
+        model(ids[:, :150], past_key_values=cache)
+        model(ids[:, 150:151], past_key_values=cache)  # applies the pending bulk compaction
+    rope = RotaryTable(model.model.rotary_emb, torch.device("cpu"), torch.float32)
+    held = cache.length - 1
+    for layer in range(8):
+        kept = cache.positions[layer, 0, 0, :held]
+        full_keys = full.layers[layer].keys[0]
+        raw = torch.stack([rope.unrotate(full_keys[:, j : j + 1], j)[:, 0] for j in range(150)], dim=1)[:, kept]
+        torch.testing.assert_close(cache.values[layer, 0, :, :held], full.layers[layer].values[0][:, kept])
+        expected = torch.empty_like(raw)
+        rope.rotate_into(expected, raw, 0)
+        torch.testing.assert_close(cache.keys[layer, 0, :, :held], expected, rtol=1e-5, atol=1e-5)
