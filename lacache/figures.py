@@ -5,13 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG (creating folders) and release it."""
+    plt = pyplot()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _number(value):
@@ -29,7 +40,7 @@ def label(row) -> str:
 
 def ppl_curves(frame, path: str | Path, title: str = "Streaming perplexity per window") -> Path:
     """PPL per window against tokens seen, one line per run of ``task=ppl``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for _, row in frame[frame["task"] == "ppl"].sort_values("policy").iterrows():
         points = row["curves"].get("ppl_window", [])
@@ -40,12 +51,7 @@ def ppl_curves(frame, path: str | Path, title: str = "Streaming perplexity per w
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def ppl_table(frame) -> str:

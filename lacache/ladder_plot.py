@@ -12,11 +12,11 @@ from lacache.ladder import kept_positions
 
 
 def draw_ladder(num_layers: int, span: int, overlap: int, budget: int, sink: int, num_tokens: int, path: str | Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from lacache.figures import pyplot, save_figure
+
+    plt = pyplot()
 
     held = np.zeros((num_layers, num_tokens), dtype=np.uint8)
     for layer, positions in enumerate(kept_positions(num_layers, span, overlap, budget, sink, num_tokens)):
@@ -26,12 +26,7 @@ def draw_ladder(num_layers: int, span: int, overlap: int, budget: int, sink: int
     ax.set_xlabel("original token position")
     ax.set_ylabel("layer")
     ax.set_title(f"LaCache kept positions: S={span} O={overlap} budget={budget} sink={sink}, after {num_tokens} tokens")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> None:

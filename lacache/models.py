@@ -142,7 +142,7 @@ def load(spec: ModelSpec):
     if spec.device == "auto":
         kwargs["device_map"] = "auto"
     elif spec.device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError(f"model.device=cuda but no CUDA device is available; use model.device=cpu")
+        raise ModelUnavailableError("model.device=cuda but no CUDA device is available; use model.device=cpu")
     if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelUnavailableError("attn_implementation=flash_attention_2 needs the flash-attn package; use sdpa")
     try:

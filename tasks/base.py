@@ -12,6 +12,20 @@ class TaskConfigError(ValueError):
     """A task setting or dataset that cannot work; raised before the model loads where possible."""
 
 
+def check_choices(chosen: list[str], valid, kind: str, field: str, also: str = "") -> list[str]:
+    """A non-empty, duplicate-free list of ``kind`` names from ``valid``; otherwise an error naming the valid ones."""
+    chosen = list(chosen)
+    choices = f"{also}{', '.join(valid)}"
+    if not chosen:
+        raise TaskConfigError(f"{field} is empty; valid: {choices}")
+    unknown = [name for name in chosen if name not in valid]
+    if unknown:
+        raise TaskConfigError(f"unknown {kind}(s) {unknown}; valid: {choices}")
+    if len(set(chosen)) != len(chosen):
+        raise TaskConfigError(f"{field} lists a {kind} twice: {chosen}")
+    return chosen
+
+
 @dataclass
 class RunContext:
     model: Any

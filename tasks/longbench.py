@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from tasks import generation as gen
 from tasks import longbench_data as lb
-from tasks.base import RunContext, Task, TaskConfigError, TaskResult
+from tasks.base import RunContext, Task, TaskConfigError, TaskResult, check_choices
 
 DATASET_GROUPS = {"english": lb.ENGLISH_DATASETS, "all": lb.LONGBENCH_DATASETS}
 
@@ -45,17 +45,7 @@ def _dataset_list(datasets) -> list[str]:
         if datasets in DATASET_GROUPS:
             return list(DATASET_GROUPS[datasets])
         datasets = [d.strip() for d in datasets.split(",") if d.strip()]
-    datasets = list(datasets)
-    if not datasets:
-        raise TaskConfigError("task.datasets is empty; give english, all, or a list of LongBench datasets")
-    unknown = [d for d in datasets if d not in lb.LONGBENCH_DATASETS]
-    if unknown:
-        raise TaskConfigError(
-            f"unknown LongBench dataset(s) {unknown}; valid: english, all, or a list of: {', '.join(lb.LONGBENCH_DATASETS)}"
-        )
-    if len(set(datasets)) != len(datasets):
-        raise TaskConfigError(f"task.datasets lists a dataset twice: {datasets}")
-    return datasets
+    return check_choices(datasets, lb.LONGBENCH_DATASETS, "LongBench dataset", "task.datasets", also="english, all, or ")
 
 
 @dataclass

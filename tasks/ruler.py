@@ -29,23 +29,13 @@ from tqdm.auto import tqdm
 
 from tasks import generation as gen
 from tasks import ruler_data
-from tasks.base import RunContext, Task, TaskConfigError, TaskResult
+from tasks.base import RunContext, Task, TaskConfigError, TaskResult, check_choices
 
 
 def _task_list(tasks) -> list[str]:
     if isinstance(tasks, str):
         tasks = list(ruler_data.RULER_TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    tasks = list(tasks)
-    if not tasks:
-        raise TaskConfigError(f"task.tasks is empty; valid RULER tasks: {', '.join(ruler_data.RULER_TASKS)} (or 'all')")
-    unknown = [t for t in tasks if t not in ruler_data.RULER_TASKS]
-    if unknown:
-        raise TaskConfigError(
-            f"unknown RULER task(s) {unknown}; valid: {', '.join(ruler_data.RULER_TASKS)} (or 'all')"
-        )
-    if len(set(tasks)) != len(tasks):
-        raise TaskConfigError(f"task.tasks lists a task twice: {tasks}")
-    return tasks
+    return check_choices(tasks, ruler_data.RULER_TASKS, "RULER task", "task.tasks", also="'all' or ")
 
 
 def check_context_length(context_length: int, max_length: int | None, allow_long: bool, what: str = "task.context_length") -> None:

@@ -3,7 +3,6 @@
 import os
 from pathlib import Path
 
-import pytest
 
 from lacache import bench
 from lacache.figures import bench_table, ppl_curves, ppl_table
