@@ -70,10 +70,8 @@ def load_model(args):
 class CompactionTimer:
     """Wraps a compacting cache's plan/apply with device-synchronised timers."""
 
-    def __init__(self, cache, device):
-        self.seconds, self.calls = 0.0, 0
-        if not isinstance(cache, CompactingCache):
-            return
+    def __init__(self, cache: CompactingCache, device):
+        self.seconds = 0.0
         for name in ("_apply", "plan"):
             original = getattr(cache, name)
 
@@ -92,7 +90,7 @@ def measure(model, policy, context: int, steps: int, device, timed: bool) -> dic
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (1, context), device=device, generator=torch.Generator(device).manual_seed(0))
     cache = policy.make_cache(model, prompt_length=context)
-    timer = CompactionTimer(cache, device) if timed else None
+    timer = CompactionTimer(cache, device) if timed and isinstance(cache, CompactingCache) else None
     reset_device_peak(device)
     with torch.inference_mode():
         sync(device)
@@ -121,7 +119,7 @@ def measure(model, policy, context: int, steps: int, device, timed: bool) -> dic
         "peak_device_bytes": device_peak_bytes(device),
         **stats,
     }
-    if timer is not None and isinstance(cache, CompactingCache):
+    if timer is not None:
         out["compaction_ms_per_step"] = 1000 * timer.seconds / (steps + len(policy.prefill_chunks(context)))
     return out
 

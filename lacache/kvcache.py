@@ -253,9 +253,9 @@ class CompactingCache(Cache):
         self.slot_steps += self.length
         self.pending = self.plan(self.length)
 
-    def move(self, buffer: torch.Tensor, plan: Plan, length: int | None = None) -> None:
-        """Apply ``plan`` in place to one per-slot buffer ``[L, B, H, capacity(, D)]``."""
-        n = self.length if length is None else length
+    def move(self, buffer: torch.Tensor, plan: Plan) -> None:
+        """Apply ``plan`` in place to one per-slot buffer ``[L, B, H, capacity(, D)]`` holding ``self.length`` slots."""
+        n = self.length
         start, m = plan.start, plan.gathered
         if m:
             index = plan.index.expand(*buffer.shape[:3], m)

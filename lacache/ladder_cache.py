@@ -31,32 +31,38 @@ class LadderCache(CompactingCache):
         super().__init__(model, capacity=budget + ladder.freed // 2 + compact_every)
         self._layer_pattern = None
 
+    def _merged_source(self, seg, u: torch.Tensor) -> torch.Tensor:
+        """Source slot of the ``u``-th kept slot of a segment's merged ladders, one row per layer pattern."""
+        lad = self.ladder
+        offsets = torch.arange(lad.patterns, device=u.device)[:, None]
+        return seg.cursor + torch.div(u, lad.kept, rounding_mode="floor") * lad.block + offsets + u % lad.kept
+
+    def _per_layer(self, rows: torch.Tensor) -> torch.Tensor:
+        """Expand ``[patterns, m]`` rows to the ``[layers, 1, 1, m]`` index of a plan."""
+        if self._layer_pattern is None:
+            self._layer_pattern = torch.arange(self.num_layers, device=rows.device) % self.ladder.patterns
+        return rows[self._layer_pattern][:, None, None, :]
+
     def plan(self, length: int) -> Plan | None:
         compaction = self.state.plan(length)
         if compaction is None:
             return None
-        device = self.positions.device
-        if self._layer_pattern is None:
-            self._layer_pattern = torch.arange(self.num_layers, device=device) % self.ladder.patterns
-        lad, start = self.ladder, compaction.first_changed
-        offsets = torch.arange(lad.patterns, device=device)[:, None]
+        device, lad = self.positions.device, self.ladder
         if len(compaction.segments) == 1:  # every decode step: a small gather for the merged block, a shifted tail
             seg = compaction.segments[0]
-            u = torch.arange(seg.count * lad.kept, device=device)[None, :]
-            merged = seg.cursor + torch.div(u, lad.kept, rounding_mode="floor") * lad.block + offsets + u % lad.kept
-            return Plan(start=seg.cursor, index=merged[self._layer_pattern][:, None, None, :],
-                        new_length=compaction.new_length, tail_source=seg.cursor + seg.count * lad.block)
-        index, current = None, length
-        for seg in compaction.segments:
+            merged = self._merged_source(seg, torch.arange(seg.count * lad.kept, device=device)[None, :])
+            return Plan(start=seg.cursor, index=self._per_layer(merged), new_length=compaction.new_length,
+                        tail_source=seg.cursor + seg.count * lad.block)
+        start, index, current = compaction.first_changed, None, length
+        for seg in compaction.segments:  # several sweeps (bulk): compose their maps into one gather
             out_len = current - seg.count * lad.freed
             j = torch.arange(start, out_len, device=device)[None, :]
             u = j - seg.cursor
-            merged = seg.cursor + torch.div(u, lad.kept, rounding_mode="floor") * lad.block + offsets + u % lad.kept
+            merged = self._merged_source(seg, u)
             src = torch.where(u < 0, j, torch.where(u < seg.count * lad.kept, merged, j + seg.count * lad.freed))
             index = src if index is None else torch.gather(index, 1, src - start)
             current = out_len
-        index = index[self._layer_pattern][:, None, None, :]
-        return Plan(start=start, index=index, new_length=compaction.new_length)
+        return Plan(start=start, index=self._per_layer(index), new_length=compaction.new_length)
 
 
 @dataclass
