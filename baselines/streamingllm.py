@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lacache.kvcache import CompactingCache, Plan
+from lacache.kvcache import CompactingCache, Plan, RingRule
+from lacache.ladder import Segment
 from lacache.policy import CachePolicy, PolicyConfigError
 
 
@@ -26,10 +27,19 @@ class SinkWindowCache(CompactingCache):
         window = self.budget - self.sink
         return Plan(start=self.sink, index=None, new_length=self.budget, tail_source=length - window)
 
+    def ring_rule(self) -> RingRule:
+        """Eviction as a merge that keeps nothing of a one-slot block at the sink boundary."""
+
+        def plan(length: int):
+            return (Segment(self.sink, length - self.budget),) if length > self.budget else None
+
+        return RingRule(max_length=self.budget + 1, block=1, kept=0, offsets=[0] * self.num_layers, cursor=self.sink, plan=plan)
+
 
 @dataclass
 class StreamingLLMPolicy(CachePolicy):
     name: ClassVar[str] = "streamingllm"
+    fast_decode: ClassVar[bool] = True
 
     budget: int | float | None = 256
     sink: int = 4

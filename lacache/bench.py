@@ -1,19 +1,29 @@
 """Speed and memory of every cache policy, side by side in one process (``make bench``).
 
-For each policy x budget x context length: prefill a random prompt, then decode ``--steps``
-tokens greedily through the policy's cache, and record prefill tokens/s, decode ms/token,
-compaction ms/step (the cache's own work, timed with device syncs around it), peak KV bytes and
-peak process/GPU memory. Each point becomes a record in ``runs/records`` like any other run.
+For each context length x budget x policy x batch size x decode path: prefill a random prompt,
+then decode ``--steps`` tokens greedily, and record prefill tokens/s, decode ms/token,
+compaction ms/step, peak KV bytes and peak process/GPU memory. Each point is a record in
+``runs/records`` like any other run. Policies are built from ``configs/cache/<name>.yaml`` (the
+same defaults as ``run.py``), with ``--budgets``/``--span``/... overriding.
+
+Decode paths: ``eager`` runs the model's forward per token on the exact caches (every policy);
+``graph`` runs :mod:`lacache.fast_decode` (full, StreamingLLM, LaCache), CUDA-graph captured on
+a GPU; ``fused`` is ``graph`` with the step's elementwise chains fused by ``torch.compile``. Compaction time: ``eager`` wraps the cache's plan/apply in device syncs (a separate pass,
+so the decode timing stays unsynchronised); ``graph`` times the compaction replays with CUDA
+events inside the measured loop.
 
     python -m lacache.bench --model smollm2-135m --contexts 1024 4096 --budgets 256 1024
-    python -m lacache.bench --model llama3-8b-shape --device cuda --dtype bfloat16 --contexts 2048 32768
+    python -m lacache.bench --model llama3-8b-shape --device cuda --dtype bfloat16 --contexts 2048 32768 \\
+        --policies full streamingllm lacache lacache_reference --decode eager graph --batch 1 8
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,31 +31,34 @@ from lacache import records
 from lacache.kvcache import CompactingCache
 from lacache.measure import device_peak_bytes, peak_rss_bytes, reset_device_peak, sync
 
+ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # random-weight models: no download needed
     "llama3-8b-shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0),
     "tiny-shape": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=65536),
 }
+DECODE_PATHS = ("eager", "graph", "fused")
+GRAPH_POLICIES = ("full", "streamingllm", "lacache")
 
 
-def policies(names: list[str], budget: int, args) -> list:
-    from baselines.full import FullCachePolicy
-    from baselines.h2o import H2OPolicy
-    from baselines.streamingllm import StreamingLLMPolicy
-    from lacache.ladder_cache import LaCachePolicy
+def make_policy(name: str, budget: int, args):
+    """The policy of ``configs/cache/<name>.yaml`` with this run's overrides (only keys it has)."""
+    from omegaconf import OmegaConf
 
-    made = {
-        "full": lambda: FullCachePolicy(prefill=args.prefill, prefill_chunk=args.chunk),
-        "streamingllm": lambda: StreamingLLMPolicy(budget=budget, prefill=args.prefill, prefill_chunk=args.chunk),
-        "h2o": lambda: H2OPolicy(budget=budget, prefill=args.prefill, prefill_chunk=args.chunk),
-        "lacache": lambda: LaCachePolicy(budget=budget, span=args.span, overlap=args.overlap, sink=4,
-                                         compact_every=args.compact_every, prefill=args.prefill, prefill_chunk=args.chunk),
-    }
-    unknown = sorted(set(names) - set(made))
-    if unknown:
-        raise SystemExit(f"unknown policies {unknown}; valid: {sorted(made)}")
-    return [made[name]() for name in names]
+    from lacache.runner import build
+
+    path = ROOT / "configs" / "cache" / f"{name}.yaml"
+    if not path.exists():
+        valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SystemExit(f"unknown policy {name!r}; valid: {valid}")
+    node = OmegaConf.load(path)
+    overrides = {"budget": budget, "span": args.span, "overlap": args.overlap, "compact_every": args.compact_every,
+                 "prefill": args.prefill, "prefill_chunk": args.chunk}
+    for key, value in overrides.items():
+        if key in node:
+            node[key] = value
+    return build(node, "cache")
 
 
 def load_model(args):
@@ -62,7 +75,7 @@ def load_model(args):
 
     from lacache import models
 
-    spec = models.ModelSpec(**OmegaConf.to_container(OmegaConf.load(f"configs/model/{args.model}.yaml")))
+    spec = models.ModelSpec(**OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{args.model}.yaml")))
     spec.device, spec.dtype, spec.attn_implementation = args.device, args.dtype, args.attn
     return models.load(spec)[0]
 
@@ -70,10 +83,12 @@ def load_model(args):
 class CompactionTimer:
     """Wraps a compacting cache's plan/apply with device-synchronised timers."""
 
-    def __init__(self, cache: CompactingCache, device):
+    def __init__(self, cache, device):
         self.seconds = 0.0
-        for name in ("_apply", "plan"):
-            original = getattr(cache, name)
+        for name in ("_apply", "plan", "_compact"):
+            original = getattr(cache, name, None)
+            if original is None:
+                continue
 
             def timed(*a, _original=original, **kw):
                 sync(device)
@@ -86,42 +101,96 @@ class CompactionTimer:
             setattr(cache, name, timed)
 
 
-def measure(model, policy, context: int, steps: int, device, timed: bool) -> dict:
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, context), device=device, generator=torch.Generator(device).manual_seed(0))
-    cache = policy.make_cache(model, prompt_length=context)
-    timer = CompactionTimer(cache, device) if timed and isinstance(cache, CompactingCache) else None
+def prefill(model, policy, prompt):
+    cache = policy.make_cache(model, prompt_length=prompt.shape[1])
+    offset = 0
+    for size in policy.prefill_chunks(prompt.shape[1]):
+        logits = model(prompt[:, offset : offset + size], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        offset += size
+    return cache, logits.argmax(-1, keepdim=True)
+
+
+def measure_eager(model, policy, prompt, steps: int, device) -> dict:
     reset_device_peak(device)
-    with torch.inference_mode():
+    sync(device)
+    start = time.perf_counter()
+    cache, token = prefill(model, policy, prompt)
+    sync(device)
+    out = {"prefill_tokens_per_s": prompt.numel() / (time.perf_counter() - start), "prefill_peak_device_bytes": device_peak_bytes(device)}
+    step_times = []
+    for _ in range(steps):
         sync(device)
         start = time.perf_counter()
-        offset = 0
-        for size in policy.prefill_chunks(context):
-            logits = model(prompt[:, offset : offset + size], past_key_values=cache, use_cache=True).logits[:, -1]
-            offset += size
+        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
-        prefill_s = time.perf_counter() - start
-        token = logits.argmax(-1, keepdim=True)
-        step_times = []
-        for _ in range(steps):
-            sync(device)
-            start = time.perf_counter()
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-            sync(device)
-            step_times.append(time.perf_counter() - start)
+        step_times.append(time.perf_counter() - start)
     warm = step_times[min(5, steps // 4) :]
-    stats = cache.stats() if hasattr(cache, "stats") else {}
-    out = {
-        "prefill_tokens_per_s": context / prefill_s,
-        "decode_ms_per_token": 1000 * statistics.median(warm),
-        "decode_ms_per_token_mean": 1000 * statistics.mean(warm),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_device_bytes": device_peak_bytes(device),
-        **stats,
-    }
-    if timer is not None:
-        out["compaction_ms_per_step"] = 1000 * timer.seconds / (steps + len(policy.prefill_chunks(context)))
+    out.update(decode_ms_per_token=1000 * statistics.median(warm), decode_ms_per_token_mean=1000 * statistics.mean(warm),
+               **(cache.stats() if hasattr(cache, "stats") else {}))
+    if isinstance(cache, CompactingCache) or hasattr(cache, "_compact"):  # second pass: synchronised compaction timing
+        cache, token = prefill(model, policy, prompt)
+        timer = CompactionTimer(cache, device)
+        timed_steps = max(16, steps // 2)
+        for _ in range(timed_steps):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        out["compaction_ms_per_step"] = 1000 * timer.seconds / timed_steps
     return out
+
+
+def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False, profile: bool = False) -> dict:
+    from lacache.fast_decode import GraphDecoder
+
+    warmup = 8
+    reset_device_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    cache, token = prefill(model, policy, prompt)
+    sync(device)
+    out = {"prefill_tokens_per_s": prompt.numel() / (time.perf_counter() - start), "prefill_peak_device_bytes": device_peak_bytes(device)}
+    stats = cache.stats() if hasattr(cache, "stats") else {}
+    decoder = GraphDecoder(model, cache, token, max_new_tokens=steps + warmup, fuse=fuse)
+    try:
+        for _ in range(warmup):  # captures the step graph and the compaction graphs
+            decoder.step()
+        decoder.timed = True
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            decoder.step()
+        sync(device)
+        seconds = time.perf_counter() - start
+        if profile:
+            print_profile(decoder.step, device)
+        compaction = decoder.compaction_seconds()
+    finally:
+        decoder.close()
+    held = decoder.ring.host_n
+    out.update(decode_ms_per_token=1000 * seconds / steps, decode_ms_per_token_mean=1000 * seconds / steps,
+               compaction_ms_per_step=1000 * compaction / steps if decoder.ring.rule is not None else None,
+               **stats)
+    out["kv_entries_per_layer_max"] = max(out.get("kv_entries_per_layer_max", 0), held)
+    out["kv_bytes_decode"] = decoder.ring.decode_bytes()  # kv_bytes_max stays the prefill's peak
+    return out
+
+
+def print_profile(step, device, steps: int = 8) -> None:
+    """The device kernels that take the time of a few decode steps (``--profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60), flush=True)
+
+
+def release(device) -> None:
+    """Free what the last measurement left (graph pools, caches) so the next one starts clean."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> None:
@@ -133,6 +202,8 @@ def main(argv=None) -> None:
     parser.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "lacache"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096])
+    parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (equal-length prompts)")
+    parser.add_argument("--decode", nargs="+", default=["eager"], choices=DECODE_PATHS)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--span", type=int, default=16)
     parser.add_argument("--overlap", type=int, default=0)
@@ -140,31 +211,51 @@ def main(argv=None) -> None:
     parser.add_argument("--prefill", default="full", choices=["full", "chunked"])
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of the graph/fused decode step")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    for name in args.policies:
+        make_policy(name, args.budgets[0], args)  # unknown names and invalid settings fail before the model loads
     model = load_model(args)
     env = records.environment()
-    print(f"{'policy':>12} {'budget':>7} {'context':>8} {'prefill tok/s':>14} {'decode ms':>10} {'compact ms':>11} {'KV MiB':>8}")
+    vocab = model.config.vocab_size
+    print(f"{'policy':>18} {'budget':>6} {'context':>7} {'batch':>5} {'decode':>6} {'prefill tok/s':>13} {'ms/token':>9} "
+          f"{'compact ms':>10} {'KV MiB':>8} {'peak GiB':>8}", flush=True)
     for context in args.contexts:
-        for budget in args.budgets:
-            for policy in policies(args.policies, budget, args):
-                if policy.name == "full" and budget != args.budgets[0]:
-                    continue  # the full cache has no budget: measure it once per context
-                policy.prepare_model(model)
-                untimed = measure(model, policy, context, args.steps, device, timed=False)
-                timed = measure(model, policy, context, max(16, args.steps // 2), device, timed=True)
-                result = {**untimed, "compaction_ms_per_step": timed.get("compaction_ms_per_step")}
-                ids = {"model": args.model, **policy.describe(), "task": "bench", "context": context, "prefill": args.prefill,
-                       "device": env["cuda_device"] if device.type == "cuda" else env["platform"], "dtype": args.dtype}
-                if policy.name == "full":
-                    ids["budget"] = None
-                key = records.config_key({**ids, "steps": args.steps, "compact_every": args.compact_every})
-                records.write_record(args.runs_dir, {"schema": records.SCHEMA, "key": key, "status": "ok", "ids": ids,
-                                                     "config": vars(args), "metrics": {}, "stats": result, "env": env})
-                compact = result["compaction_ms_per_step"]
-                print(f"{policy.name:>12} {str(ids['budget']):>7} {context:>8} {result['prefill_tokens_per_s']:>14.0f} "
-                      f"{result['decode_ms_per_token']:>10.2f} {compact if compact is None else round(compact, 3)!s:>11} "
-                      f"{result['kv_bytes_max'] / 2**20:>8.1f}", flush=True)
+        for batch in args.batch:
+            prompt = torch.randint(0, vocab, (batch, context), device=device, generator=torch.Generator(device).manual_seed(0))
+            for budget in args.budgets:
+                for name in args.policies:
+                    if name == "full" and budget != args.budgets[0]:
+                        continue  # the full cache has no budget: measure it once per context
+                    for path in args.decode:
+                        if path != "eager" and name not in GRAPH_POLICIES:
+                            continue
+                        release(device)
+                        policy = make_policy(name, budget, args)
+                        policy.prepare_model(model)
+                        with torch.inference_mode():
+                            if path == "eager":
+                                result = measure_eager(model, policy, prompt, args.steps, device)
+                            else:
+                                result = measure_graph(model, policy, prompt, args.steps, device, fuse=path == "fused",
+                                                       profile=args.profile)
+                        result["peak_rss_bytes"] = peak_rss_bytes()
+                        result["peak_device_bytes"] = device_peak_bytes(device)
+                        ids = {"model": args.model, **policy.describe(), "task": "bench", "context": context, "batch": batch,
+                               "decode": path, "prefill": args.prefill, "dtype": args.dtype,
+                               "device": env["cuda_device"] if device.type == "cuda" else env["platform"]}
+                        if name == "full":
+                            ids["budget"] = None
+                        key = records.config_key({**ids, "steps": args.steps, "compact_every": args.compact_every})
+                        records.write_record(args.runs_dir, {"schema": records.SCHEMA, "key": key, "status": "ok", "ids": ids,
+                                                             "config": vars(args), "metrics": {}, "stats": result, "env": env})
+                        compact = result.get("compaction_ms_per_step")
+                        peak = result["peak_device_bytes"]
+                        print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>6} "
+                              f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} "
+                              f"{'-' if compact is None else f'{compact:.3f}':>10} {result['kv_bytes_max'] / 2**20:>8.1f} "
+                              f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8}", flush=True)
 
 
 if __name__ == "__main__":

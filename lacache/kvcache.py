@@ -24,6 +24,7 @@ reports the compacted length, so positions and masks of the next call are right,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -44,6 +45,22 @@ class Plan:
     @property
     def gathered(self) -> int:
         return 0 if self.index is None else self.index.shape[-1]
+
+
+@dataclass
+class RingRule:
+    """A policy's compaction in the terms of the fast decode path (``lacache.fast_decode``): each
+    merge at ``cursor`` turns a block of ``block`` slots into the ``kept`` slots at per-layer
+    ``offsets`` inside it; ``plan(n)`` gives the merges due at length ``n`` as segments with
+    ``cursor`` and ``count`` (a cursor that goes back starts a new sweep); a decode step never
+    holds more than ``max_length`` slots."""
+
+    max_length: int
+    block: int
+    kept: int
+    offsets: Sequence[int]
+    cursor: int
+    plan: Callable[[int], Sequence | None]
 
 
 class RotaryTable:
@@ -179,6 +196,10 @@ class CompactingCache(Cache):
 
     def on_compact(self, plan: Plan) -> None:
         """Called after a plan was applied to every buffer (subclasses move their own per-slot state)."""
+
+    def ring_rule(self) -> RingRule | None:
+        """The policy as merges for the fast decode path; ``None``: exact decode only."""
+        return None
 
     # ------------------------------------------------------------------ transformers Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:

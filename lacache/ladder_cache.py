@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from lacache.kvcache import CompactingCache, Plan
+from lacache.kvcache import CompactingCache, Plan, RingRule
 from lacache.ladder import Ladder, LadderConfigError, LadderState, validate
 from lacache.policy import CachePolicy, PolicyConfigError, text_config
 
@@ -42,6 +42,16 @@ class LadderCache(CompactingCache):
         if self._layer_pattern is None:
             self._layer_pattern = torch.arange(self.num_layers, device=rows.device) % self.ladder.patterns
         return rows[self._layer_pattern][:, None, None, :]
+
+    def ring_rule(self) -> RingRule:
+        lad = self.ladder
+        offsets = [lad.offset(i) for i in range(self.num_layers)]
+
+        def plan(length: int):
+            compaction = self.state.plan(length)
+            return compaction.segments if compaction is not None else None
+
+        return RingRule(self.state.budget + lad.freed // 2 + self.compact_every, lad.block, lad.kept, offsets, self.state.cursor, plan)
 
     def plan(self, length: int) -> Plan | None:
         compaction = self.state.plan(length)
@@ -70,6 +80,7 @@ class LaCachePolicy(CachePolicy):
     """LaCache (ICML 2025): span ``S``, overlap ``O``, budget, sink; spec-exact kept positions."""
 
     name: ClassVar[str] = "lacache"
+    fast_decode: ClassVar[bool] = True
 
     budget: int | float | None = 256
     span: int = 16

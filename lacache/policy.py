@@ -14,6 +14,7 @@ import torch
 from transformers.cache_utils import Cache
 
 PREFILL_MODES = ("full", "chunked")
+DECODE_MODES = ("exact", "fast")
 
 
 class PolicyConfigError(ValueError):
@@ -34,15 +35,22 @@ class CachePolicy:
     name: ClassVar[str] = "base"
     #: True when feeding several tokens at once gives exactly the logits of feeding them one by one.
     exact_chunks: ClassVar[bool] = False
+    #: True when the cache converts to ``lacache.fast_decode`` (``decode=fast``).
+    fast_decode: ClassVar[bool] = False
 
     budget: int | float | None = None
     budget_of: str = "prompt"
     prefill: str = "full"
     prefill_chunk: int = 512
+    decode: str = "exact"  # exact: the model's forward on this cache | fast: lacache.fast_decode (CUDA graphs on a GPU)
 
     def __post_init__(self) -> None:
         if self.prefill not in PREFILL_MODES:
             raise PolicyConfigError(f"prefill={self.prefill!r} is not one of {PREFILL_MODES}")
+        if self.decode not in DECODE_MODES:
+            raise PolicyConfigError(f"decode={self.decode!r} is not one of {DECODE_MODES}")
+        if self.decode == "fast" and not self.fast_decode:
+            raise PolicyConfigError(f"decode=fast is not available for {self.name}; it is for full, streamingllm and lacache")
         if self.budget_of not in ("prompt", "max_length"):
             raise PolicyConfigError(f"budget_of={self.budget_of!r} is not one of ('prompt', 'max_length')")
         if self.prefill_chunk < 1:
@@ -93,4 +101,7 @@ class CachePolicy:
 
     def describe(self) -> dict:
         """Flat id fields for records and tables."""
-        return {"policy": self.name, "budget": self.budget}
+        ids = {"policy": self.name, "budget": self.budget}
+        if self.decode != "exact":
+            ids["decode"] = self.decode
+        return ids

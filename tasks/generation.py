@@ -14,7 +14,9 @@ compacts lazily, at the next forward), while ``prefill=chunked`` compresses betw
 
 The loop is a plain ``model(ids, past_key_values=cache)`` call per step: no ``position_ids``, no
 ``attention_mask`` and no ``model.generate()`` (which builds absolute positions that do not match a
-compacted cache, see PITFALLS.md); positions come from ``cache.get_seq_length()``.
+compacted cache, see PITFALLS.md); positions come from ``cache.get_seq_length()``. With
+``cache.decode=fast`` the answer is decoded by :class:`lacache.fast_decode.GraphDecoder` instead
+(same positions and logits up to rounding; CUDA graphs on a GPU).
 
 Per sample it records prompt and generated token counts, prefill and decode speed, peak memory
 (:mod:`lacache.measure`) and the cache's own ``stats()`` (KV entries / bytes held).
@@ -158,6 +160,26 @@ def _forward_kwargs(model) -> dict:
     return {"logits_to_keep": 1} if _LOGITS_TO_KEEP[cls] else {}
 
 
+def _exact_step(model, cache, kwargs: dict, device):
+    """One decode step on the exact cache: the last token in, ``[1, 1, vocab]`` logits out."""
+
+    def step(token: int) -> torch.Tensor:
+        ids = torch.tensor([[token]], dtype=torch.long, device=device)
+        return model(ids, past_key_values=cache, use_cache=True, **kwargs).logits
+
+    return step
+
+
+def _fast_step(decoder):
+    """One decode step on :mod:`lacache.fast_decode` (``cache.decode=fast``), same contract as :func:`_exact_step`."""
+
+    def step(token: int) -> torch.Tensor:
+        decoder.ids.fill_(token)
+        return decoder.step()[:, None]
+
+    return step
+
+
 def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stop_strings if s and s in text]
     return min(hits) if hits else None
@@ -215,6 +237,12 @@ def generate(
                 logits = model(ids[:, start : start + size], past_key_values=cache, use_cache=True, **kwargs).logits
                 start += size
             token = pick(logits, 0)
+        step_fn = _exact_step(model, cache, kwargs, device)
+        if policy.decode == "fast":
+            from lacache.fast_decode import GraphDecoder
+
+            decoder = GraphDecoder(model, cache, torch.tensor([[token]], device=device), max_new_tokens=max_new_tokens)
+            step_fn = _fast_step(decoder)
         with Stopwatch(device) as decode_clock:
             while True:
                 if token in eos:
@@ -232,9 +260,9 @@ def generate(
                         break
                 if len(generated) >= max_new_tokens:
                     break
-                step = torch.tensor([[token]], dtype=torch.long, device=device)
-                logits = model(step, past_key_values=cache, use_cache=True, **kwargs).logits
-                token = pick(logits, len(generated))
+                token = pick(step_fn(token), len(generated))
+        if policy.decode == "fast":
+            decoder.close()
     if text is None:
         text = tokenizer.decode(generated, skip_special_tokens=True)
     produced = len(generated) + (reason in ("eos", "stop_token"))  # the ending token was generated too

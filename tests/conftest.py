@@ -62,3 +62,7 @@ def stream(model, cache, ids, step=1):
         for start in range(0, ids.shape[1], step):
             out.append(model(ids[:, start : start + step], past_key_values=cache, use_cache=True).logits)
     return torch.cat(out, dim=1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; run on the device machine)")

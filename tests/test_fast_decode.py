@@ -1,0 +1,163 @@
+"""The fast decode path (lacache.fast_decode) against the exact caches, and the reference-method baseline.
+
+CPU tests run the same ring code eagerly in fp32 (tight tolerance); the CUDA test captures CUDA
+graphs and checks bf16 logits over 1,000 steps with compactions, wraps and rebases (run it on a
+GPU machine: ``pytest -m cuda``; it is skipped without CUDA).
+"""
+
+import pytest
+import torch
+
+from baselines.full import FullCachePolicy
+from baselines.lacache_reference import ReferenceLaCachePolicy
+from baselines.streamingllm import StreamingLLMPolicy
+from conftest import stream, tiny_llama
+from lacache.fast_decode import GraphDecoder
+from lacache.ladder import kept_positions
+from lacache.ladder_cache import LaCachePolicy
+
+POLICIES = {
+    "lacache S4 O2": lambda: LaCachePolicy(budget=32, span=4, overlap=2, sink=4),
+    "lacache S2 O0 (r=3)": lambda: LaCachePolicy(budget=40, span=2, overlap=0, sink=4),
+    "lacache every 3": lambda: LaCachePolicy(budget=32, span=4, overlap=2, sink=4, compact_every=3),
+    "streamingllm": lambda: StreamingLLMPolicy(budget=24, sink=4),
+    "full": lambda: FullCachePolicy(),
+}
+
+
+def exact_and_fast(model, make_policy, ids, prompt, rebase_every=50, graphs=None, fuse=False):
+    """Teacher-forced logits of the exact cache and of the fast path after the same prefill."""
+    exact_logits, fast_logits = [], []
+    with torch.inference_mode():
+        exact = make_policy().make_cache(model, prompt_length=prompt)
+        model(ids[:, :prompt], past_key_values=exact)
+        source = make_policy().make_cache(model, prompt_length=prompt)
+        model(ids[:, :prompt], past_key_values=source)
+        decoder = GraphDecoder(model, source, ids[:, prompt : prompt + 1], max_new_tokens=ids.shape[1], graphs=graphs,
+                               rebase_every=rebase_every, fuse=fuse)
+        try:
+            for t in range(prompt, ids.shape[1]):
+                exact_logits.append(model(ids[:, t : t + 1], past_key_values=exact).logits[:, -1].float())
+                decoder.ids.copy_(ids[:, t : t + 1])
+                fast_logits.append(decoder.step().float().clone())
+            decoder.settle()
+        finally:
+            decoder.close()
+    return exact, decoder, torch.stack(exact_logits, 1), torch.stack(fast_logits, 1)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_fast_path_logits_and_positions_equal_the_exact_cache(name):
+    model = tiny_llama(layers=8)
+    ids = torch.randint(0, 128, (2, 330), generator=torch.Generator().manual_seed(1))
+    exact, decoder, want, got = exact_and_fast(model, POLICIES[name], ids, prompt=40)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    if name != "full":
+        assert decoder.ring.compactions > 60
+        assert decoder.ring.wraps >= (2 if name.startswith("lacache") else 0)
+        assert torch.equal(decoder.ring.kept_positions(), exact.kept_positions()[:, 0, 0])
+
+
+def test_fast_path_keeps_the_ladder_positions_from_an_empty_cache():
+    model = tiny_llama(layers=8)
+    ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))
+    policy = LaCachePolicy(budget=32, span=4, overlap=2, sink=4)
+    with torch.inference_mode():
+        source = policy.make_cache(model)
+        model(ids[:, :1], past_key_values=source)
+        decoder = GraphDecoder(model, source, ids[:, 1:2], graphs=False, rebase_every=37)
+        for t in range(1, ids.shape[1]):
+            decoder.ids.copy_(ids[:, t : t + 1])
+            decoder.step()
+        decoder.settle()
+        decoder.close()
+    want = torch.tensor(kept_positions(8, 4, 2, 32, 4, ids.shape[1]))
+    assert torch.equal(decoder.ring.kept_positions(), want)
+
+
+def test_fast_path_refuses_what_it_cannot_do():
+    model = tiny_llama(layers=8)
+    ids = torch.randint(0, 128, (1, 20))
+    with torch.inference_mode():
+        cache = FullCachePolicy().make_cache(model)
+        model(ids, past_key_values=cache)
+        decoder = GraphDecoder(model, cache, ids[:, -1:], max_new_tokens=2, graphs=False)
+        assert decoder.ring.capacity >= 20 + 2
+        for _ in range(decoder.ring.capacity - 20):
+            decoder.step()
+        with pytest.raises(RuntimeError, match="max_new_tokens"):
+            decoder.step()
+        decoder.close()
+
+
+def test_reference_method_keeps_the_same_positions_as_lacache():
+    model = tiny_llama(layers=8)
+    ids = torch.randint(0, 128, (1, 260), generator=torch.Generator().manual_seed(3))
+    for settings in (dict(budget=32, span=4, overlap=2, sink=4), dict(budget=40, span=2, overlap=0, sink=4)):
+        fast = stream(model, LaCachePolicy(**settings).make_cache(model, 260), ids)
+        reference = stream(model, ReferenceLaCachePolicy(**settings).make_cache(model, 260), ids)
+        assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-4)
+        bulk = [LaCachePolicy(**settings).make_cache(model, 200), ReferenceLaCachePolicy(**settings).make_cache(model, 200)]
+        with torch.inference_mode():
+            outs = [model(ids[:, :200], past_key_values=c) for c in bulk]
+        after = [stream(model, c, ids[:, 200:]) for c in bulk]
+        assert torch.allclose(after[0], after[1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("name, fuse", [("lacache S4 O2", False), ("streamingllm", False), ("lacache S4 O2", True)])
+def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse):
+    """bf16 tolerance, measured: the fast path may differ from the exact bf16 path by no more than
+    the exact bf16 path itself differs from fp32 (its own rounding noise), with a small floor."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192)
+    config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        model32 = LlamaForCausalLM(config).eval()
+    model16 = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    model16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model32.state_dict().items()})
+    big = {"lacache S4 O2": lambda: LaCachePolicy(budget=96, span=4, overlap=2, sink=4),
+           "streamingllm": lambda: StreamingLLMPolicy(budget=96, sink=4)}[name]
+    ids = torch.randint(0, 1024, (2, 128 + 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    exact, decoder, want, got = exact_and_fast(model16, big, ids, prompt=128, rebase_every=300, graphs=True, fuse=fuse)
+    _, _, want32, _ = exact_and_fast(model32, big, ids, prompt=128, rebase_every=300, graphs=False)
+    noise = (want - want32).abs().max().item()
+    error = (got - want).abs().max().item()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    print(f"{name}{' fused' if fuse else ''}: max|fast-exact| {error:.4f}, max|exact bf16 - fp32| {noise:.4f}, argmax agreement {agree:.4f}, "
+          f"compactions {decoder.ring.compactions}")
+    assert decoder.ring.compactions >= 900 and decoder.ring.wraps >= (5 if name.startswith("lacache") else 0)
+    assert error <= max(noise, 0.02)
+    assert torch.equal(decoder.ring.kept_positions(), exact.kept_positions()[:, 0, 0])
+
+
+@pytest.mark.parametrize("make", [lambda d: LaCachePolicy(budget=16, span=4, overlap=2, sink=2, decode=d),
+                                  lambda d: StreamingLLMPolicy(budget=12, sink=2, decode=d),
+                                  lambda d: FullCachePolicy(decode=d)], ids=["lacache", "streamingllm", "full"])
+def test_generation_with_decode_fast_equals_exact(make):
+    from tasks import generation
+    from test_tasks import LetterTokenizer
+
+    model = tiny_llama(layers=8, seed=4)
+    prompt = [int(t) for t in torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(5))]
+    exact = generation.generate(model, LetterTokenizer(), make("exact"), prompt, 60, eos_ids=())
+    fast = generation.generate(model, LetterTokenizer(), make("fast"), prompt, 60, eos_ids=())
+    assert fast.token_ids == exact.token_ids and len(fast.token_ids) == 60
+    banned = {exact.token_ids[0]}  # min_new_tokens masks an end token on the fast path too
+    fast = generation.generate(model, LetterTokenizer(), make("fast"), prompt, 5, eos_ids=banned, min_new_tokens=3)
+    assert fast.token_ids[0] != exact.token_ids[0]
+
+
+def test_decode_fast_is_refused_where_there_is_no_fast_path():
+    from baselines.h2o import H2OPolicy
+    from lacache.policy import PolicyConfigError
+
+    for policy in (H2OPolicy, ReferenceLaCachePolicy):
+        with pytest.raises(PolicyConfigError, match="decode=fast is not available"):
+            policy(budget=64, decode="fast")
+    with pytest.raises(PolicyConfigError, match="decode='graph' is not one of"):
+        LaCachePolicy(decode="graph")
