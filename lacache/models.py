@@ -18,6 +18,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 DEVICES = ("cpu", "cuda", "auto")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -28,7 +29,10 @@ class ModelUnavailableError(RuntimeError):
 @dataclass
 class ModelSpec:
     """``configs/model/<name>.yaml``. ``source``: ``hub`` (an id or a local directory) or ``package``
-    (a GGUF file inside an installed Python package)."""
+    (a GGUF file inside an installed Python package). ``device_map``: null (the model goes to
+    ``device``), ``auto``/``balanced``/``balanced_low_0``/``sequential`` or a ``{module: device}``
+    mapping, passed to ``from_pretrained`` (accelerate) to spread a model over several GPUs;
+    ``device=auto`` is short for ``device_map=auto``."""
 
     name: str
     source: str = "hub"
@@ -39,6 +43,7 @@ class ModelSpec:
     device: str = "cpu"
     attn_implementation: str = "sdpa"
     max_length: int | None = None  # overrides the config's max_position_embeddings for budgets/truncation
+    device_map: str | dict | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("hub", "package"):
@@ -49,6 +54,10 @@ class ModelSpec:
             raise ValueError(f"model.device={self.device!r} is not one of {DEVICES}")
         if self.attn_implementation not in ATTENTION:
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r} is not one of {ATTENTION}")
+        if isinstance(self.device_map, str) and self.device_map not in DEVICE_MAPS:
+            raise ValueError(f"model.device_map={self.device_map!r} is not one of {DEVICE_MAPS}, a {{module: device}} mapping or null")
+        if self.device_map is not None and not isinstance(self.device_map, (str, dict)):
+            raise ValueError(f"model.device_map must be one of {DEVICE_MAPS}, a {{module: device}} mapping or null")
         if self.source == "hub" and not self.id:
             raise ValueError(f"model {self.name!r}: source=hub needs `id` (a Hugging Face id or a local directory)")
         if self.source == "package" and not (self.package and self.gguf_file):
@@ -79,7 +88,7 @@ def _converted_dir(spec: ModelSpec) -> Path:
 def _ensure_converted(spec: ModelSpec) -> Path:
     """Dequantize the GGUF once and keep a safetensors copy; return its directory."""
     target = _converted_dir(spec)
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if _complete(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,10 +103,22 @@ def _ensure_converted(spec: ModelSpec) -> Path:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    if _complete(target):  # another process (a parallel sweep's worker) finished first: keep its copy
+        shutil.rmtree(staging, ignore_errors=True)
+        return target
     if target.exists():
         shutil.rmtree(target)
-    staging.rename(target)  # atomic: a killed conversion never leaves a half-written copy
+    try:
+        staging.rename(target)  # atomic: a killed conversion never leaves a half-written copy
+    except OSError:
+        if not _complete(target):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _complete(target: Path) -> bool:
+    return (target / "model.safetensors").exists() and (target / "config.json").exists()
 
 
 def _hub_error(spec: ModelSpec, err: Exception) -> ModelUnavailableError:
@@ -139,9 +160,10 @@ def load(spec: ModelSpec):
 
     location = _location(spec)
     kwargs = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation}
-    if spec.device == "auto":
-        kwargs["device_map"] = "auto"
-    elif spec.device == "cuda" and not torch.cuda.is_available():
+    device_map = spec.device_map if spec.device_map is not None else ("auto" if spec.device == "auto" else None)
+    if device_map is not None:
+        kwargs["device_map"] = device_map  # accelerate places the layers (over all visible GPUs for auto)
+    if spec.device == "cuda" and not torch.cuda.is_available():
         raise ModelUnavailableError("model.device=cuda but no CUDA device is available; use model.device=cpu")
     if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelUnavailableError("attn_implementation=flash_attention_2 needs the flash-attn package; use sdpa")
@@ -152,7 +174,7 @@ def load(spec: ModelSpec):
         if spec.source == "hub":
             raise _hub_error(spec, err) from None
         raise
-    if spec.device == "cuda":
+    if spec.device == "cuda" and device_map is None:
         model = model.to("cuda")
     model.eval()
     return model, tokenizer

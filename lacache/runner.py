@@ -2,18 +2,24 @@
 
 Invalid settings fail before the model loads. Inside a sweep (``-m``) an invalid point is
 recorded as ``skipped`` and a crashing one as ``failed`` (with the error), and the sweep goes on;
-a point whose record is already ``ok`` is not recomputed unless ``rerun=true``.
+a point whose record is already ``ok`` is not recomputed unless ``rerun=true``. Each point of a sweep
+also leaves its outcome in its Hydra job folder, from which ``SweepSummary`` (a Hydra callback,
+``hydra.callbacks`` in ``configs/config.yaml``) prints the sweep's totals and sets the exit code to
+the number of failed points. It reads files, so it works with any launcher (basic, joblib, SLURM).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from lacache import models, records
@@ -24,6 +30,8 @@ from tasks.base import RunContext, TaskConfigError
 
 CONFIG_ERRORS = (PolicyConfigError, TaskConfigError, LadderConfigError, models.ModelUnavailableError, ValueError, FileNotFoundError)
 IDENTITY = ("model", "cache", "task", "seed")
+OUTCOME_FILE = "lacache-outcome.json"  # one per sweep point, in its Hydra job folder
+OUTCOMES = ("ok", "skipped", "failed", "already done")
 
 
 def build(node, group: str):
@@ -81,11 +89,29 @@ def _base_record(cfg: DictConfig, key: str, status: str) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Run one configuration and return its record (also written to ``runs/records``)."""
+    record, outcome = _run(cfg)
+    if in_sweep():
+        _note_outcome(record, outcome)
+    return record
+
+
+def _note_outcome(record: dict, outcome: str) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    note = {"outcome": outcome, "key": record.get("key"), "reason": record.get("reason") if outcome in ("skipped", "failed") else None,
+            "overrides": list(hydra_cfg.overrides.task)}
+    folder = Path(hydra_cfg.runtime.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUTCOME_FILE).write_text(json.dumps(note, indent=1))
+
+
+def _run(cfg: DictConfig) -> tuple[dict, str]:
     key = records.config_key(identity(cfg))
     done = records.read_record(cfg.runs_dir, key)
     if done is not None and done.get("status") == "ok" and not cfg.rerun:
         print(f"[lacache] already done ({records.record_path(cfg.runs_dir, key)}); rerun=true recomputes", flush=True)
-        return done
+        return done, "already done"
     try:
         spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
         policy = build(cfg.cache, "cache")
@@ -100,7 +126,7 @@ def run(cfg: DictConfig) -> dict:
             record = {**_base_record(cfg, key, "skipped"), "reason": f"{type(err).__name__}: {err}"}
             records.write_record(cfg.runs_dir, record)
             print(f"[lacache] skipped: {err}", flush=True)
-            return record
+            return record, "skipped"
         raise
     ids = {"model": spec.name, **policy.describe(), **task.describe()}
     try:
@@ -119,7 +145,7 @@ def run(cfg: DictConfig) -> dict:
         records.write_record(cfg.runs_dir, record)
         if in_sweep():
             print(f"[lacache] failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            return record
+            return record, "failed"
         raise
     record = {
         **_base_record(cfg, key, "ok"),
@@ -132,9 +158,14 @@ def run(cfg: DictConfig) -> dict:
         "env": records.environment(),
     }
     path = records.write_record(cfg.runs_dir, record)
-    logger.log_run(record, result.artifacts)
+    try:
+        logger.log_run(record, result.artifacts)
+    except Exception as err:  # the result is recorded; in a sweep a tracker outage must not stop the others
+        if not in_sweep():
+            raise
+        print(f"[lacache] logging failed (the record is kept): {type(err).__name__}: {err}", file=sys.stderr, flush=True)
     print(summary(record, path), flush=True)
-    return record
+    return record, "ok"
 
 
 def summary(record: dict, path) -> str:
@@ -159,3 +190,28 @@ def main(cfg: DictConfig) -> None:
     except CONFIG_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a sweep (``-m``), print how many points were ok, skipped, failed or
+    already done, list the failures, and exit with ``min(failed, 255)`` when any point failed.
+
+    It reads the outcome file each point leaves in its job folder under ``hydra.sweep.dir``, so it
+    counts points run in other processes or on other machines (joblib, SLURM) as well."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        for stale in Path(str(config.hydra.sweep.dir)).rglob(OUTCOME_FILE):  # a re-run into the same folder
+            stale.unlink(missing_ok=True)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        notes = [json.loads(path.read_text()) for path in sorted(sweep_dir.rglob(OUTCOME_FILE))]
+        counts = {name: sum(note["outcome"] == name for note in notes) for name in OUTCOMES}
+        shared = set.intersection(*(set(note["overrides"]) for note in notes)) if len(notes) > 1 else set()
+        for note in notes:
+            if note["outcome"] == "failed":  # named by the overrides that vary across the sweep
+                point = " ".join(o for o in note["overrides"] if o not in shared) or " ".join(note["overrides"])
+                print(f"[lacache] failed: {point}: {note['reason']}", file=sys.stderr)
+        print(f"[lacache] sweep {sweep_dir}: " + ", ".join(f"{counts[name]} {name}" for name in OUTCOMES), flush=True)
+        if counts["failed"]:
+            sys.exit(min(counts["failed"], 255))

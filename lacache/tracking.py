@@ -1,4 +1,8 @@
-"""Experiment trackers: ``logger=none`` or ``logger=wandb`` (offline by default, no account needed)."""
+"""Experiment trackers: ``logger=none`` or ``logger=wandb`` (offline by default, no account needed).
+
+The runs of one sweep (``-m``) share a W&B group: ``logger.group``, or when it is null a name taken
+from the sweep's folder (``sweep-<date>_<time>`` for the default ``hydra.sweep.dir``, else the
+folder's last component, e.g. ``hydra.sweep.dir=runs/sweeps/ruler-grid`` gives ``ruler-grid``)."""
 
 from __future__ import annotations
 
@@ -6,6 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WANDB_MODES = ("offline", "online", "disabled")
+GROUP_MAX = 128  # W&B's limit on a group name
+
+
+def sweep_group(sweep_dir: str | None, runs_dir: str | None = None) -> str | None:
+    """The default W&B group of a sweep's runs: a name for its folder (``None`` outside a sweep)."""
+    if not sweep_dir:
+        return None
+    path = Path(sweep_dir)
+    try:
+        name = "sweep-" + "_".join(path.relative_to(Path(runs_dir or "runs") / ".hydra" / "multirun").parts)
+    except ValueError:
+        name = path.name or str(path)
+    return name[-GROUP_MAX:]
 
 
 class NoLogger:
@@ -16,7 +33,8 @@ class NoLogger:
 @dataclass
 class WandbLogger:
     """Logs a run's config, metrics, curves and figures. Offline runs land in ``dir``; sync them
-    later with ``wandb sync <dir>/wandb/offline-run-*``."""
+    later with ``wandb sync <dir>/wandb/offline-run-*``. ``group: null`` groups a sweep's runs by
+    the sweep (``sweep_group``)."""
 
     project: str = "lacache"
     mode: str = "offline"
@@ -34,8 +52,9 @@ class WandbLogger:
         Path(self.dir).mkdir(parents=True, exist_ok=True)
         ids = record.get("ids", {})
         name = "-".join(str(ids.get(k)) for k in ("model", "policy", "task") if ids.get(k) is not None)
+        group = self.group or sweep_group(record.get("sweep"), record.get("config", {}).get("runs_dir"))
         run = wandb.init(
-            project=self.project, mode=self.mode, dir=self.dir, group=self.group, tags=list(self.tags),
+            project=self.project, mode=self.mode, dir=self.dir, group=group, tags=list(self.tags),
             name=f"{name}-{record['key'][:8]}", config={"key": record["key"], **record["config"]}, reinit="finish_previous",
         )
         try:
