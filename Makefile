@@ -35,13 +35,33 @@ test: setup ## set up, then run the whole test suite (unit tests + real-model in
 test-fast: setup ## unit tests only (skips the tests that load the real SmolLM2)
 	$(PY) -m pytest -q -m "not slow"
 
-bench: setup ## speed and memory of every policy side by side on SmolLM2-135M (CPU); records in runs/records
-	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 256 2048 --steps 48
+bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU); records in runs/records, plot in reports/bench.png
+	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 256 2048 --steps 48 \
+	  --policies full streamingllm h2o lacache lacache_reference --decode eager graph
 
 ladder: setup ## draw the ladder (kept positions per layer) to reports/ladder.png
 	$(PY) -m lacache.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --sink 4 --tokens 600 --out reports/ladder.png
 
-clean: ## remove run outputs (keeps .venv and the model cache)
-	rm -rf runs/records runs/.hydra runs/wandb reports
+paper-table: setup ## paper tables (Markdown + LaTeX, 95% bootstrap CIs) and figures from runs/ into reports/
+	$(PY) -m lacache.report --runs runs --out reports
 
-.PHONY: help setup demo test test-fast bench ladder clean
+SMOKE_RUNS ?= runs/smoke
+SMOKE_OUT  ?= reports/smoke
+SMOKE_EXPERIMENTS := paper_ruler paper_ppl paper_ablation paper_longbench paper_niah
+OFFLINE    := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+paper-table-smoke: setup ## every paper experiment's _smoke variant on the embedded SmolLM2-135M (offline, CPU) + a small bench, then the tables into reports/smoke
+	@for exp in $(SMOKE_EXPERIMENTS); do \
+	  start=$$(date +%s); \
+	  $(OFFLINE) $(PY) run.py -m +experiment=$${exp}_smoke runs_dir=$(SMOKE_RUNS) $(SMOKE_ARGS); \
+	  echo "[paper-table-smoke] $${exp}_smoke: $$(( $$(date +%s) - start )) s"; \
+	done
+	@start=$$(date +%s); \
+	$(OFFLINE) $(PY) -m lacache.bench --model smollm2-135m --contexts 512 1024 2048 --budgets 256 --steps 16 --runs-dir $(SMOKE_RUNS) --plot ""; \
+	echo "[paper-table-smoke] bench: $$(( $$(date +%s) - start )) s"
+	$(PY) -m lacache.report --runs $(SMOKE_RUNS) --out $(SMOKE_OUT)
+
+clean: ## remove run outputs (keeps .venv and the model cache)
+	rm -rf runs/records runs/.hydra runs/wandb runs/smoke runs/artifacts reports
+
+.PHONY: help setup demo test test-fast bench ladder paper-table paper-table-smoke clean

@@ -212,6 +212,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--runs-dir", default="runs")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of the graph/fused decode step")
+    parser.add_argument("--plot", default="reports/bench.png", help="KV memory and decode speed vs context of this run's points")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     for name in args.policies:
@@ -219,6 +220,7 @@ def main(argv=None) -> None:
     model = load_model(args)
     env = records.environment()
     vocab = model.config.vocab_size
+    written = []
     print(f"{'policy':>18} {'budget':>6} {'context':>7} {'batch':>5} {'decode':>6} {'prefill tok/s':>13} {'ms/token':>9} "
           f"{'compact ms':>10} {'KV MiB':>8} {'peak GiB':>8}", flush=True)
     for context in args.contexts:
@@ -250,12 +252,20 @@ def main(argv=None) -> None:
                         key = records.config_key({**ids, "steps": args.steps, "compact_every": args.compact_every})
                         records.write_record(args.runs_dir, {"schema": records.SCHEMA, "key": key, "status": "ok", "ids": ids,
                                                              "config": vars(args), "metrics": {}, "stats": result, "env": env})
+                        written.append(key)
                         compact = result.get("compaction_ms_per_step")
                         peak = result["peak_device_bytes"]
                         print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>6} "
                               f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} "
                               f"{'-' if compact is None else f'{compact:.3f}':>10} {result['kv_bytes_max'] / 2**20:>8.1f} "
                               f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8}", flush=True)
+
+    if args.plot and written:
+        from lacache.figures import bench_vs_context
+
+        frame = records.load_records(args.runs_dir)
+        path = bench_vs_context(frame[frame["key"].isin(written)], args.plot, f"{args.model} on {env['cuda_device'] or env['platform']}")
+        print(f"[lacache] plot: {path}")
 
 
 if __name__ == "__main__":
