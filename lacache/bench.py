@@ -110,13 +110,19 @@ def prefill(model, policy, prompt):
     return cache, logits.argmax(-1, keepdim=True)
 
 
-def measure_eager(model, policy, prompt, steps: int, device) -> dict:
+def timed_prefill(model, policy, prompt, device):
+    """Prefill with the device's memory peak reset first: the cache, the first token, prefill readings."""
     reset_device_peak(device)
     sync(device)
     start = time.perf_counter()
     cache, token = prefill(model, policy, prompt)
     sync(device)
-    out = {"prefill_tokens_per_s": prompt.numel() / (time.perf_counter() - start), "prefill_peak_device_bytes": device_peak_bytes(device)}
+    seconds = time.perf_counter() - start
+    return cache, token, {"prefill_tokens_per_s": prompt.numel() / seconds, "prefill_peak_device_bytes": device_peak_bytes(device)}
+
+
+def measure_eager(model, policy, prompt, steps: int, device) -> dict:
+    cache, token, out = timed_prefill(model, policy, prompt, device)
     step_times = []
     for _ in range(steps):
         sync(device)
@@ -141,12 +147,7 @@ def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False,
     from lacache.fast_decode import GraphDecoder
 
     warmup = 8
-    reset_device_peak(device)
-    sync(device)
-    start = time.perf_counter()
-    cache, token = prefill(model, policy, prompt)
-    sync(device)
-    out = {"prefill_tokens_per_s": prompt.numel() / (time.perf_counter() - start), "prefill_peak_device_bytes": device_peak_bytes(device)}
+    cache, token, out = timed_prefill(model, policy, prompt, device)
     stats = cache.stats() if hasattr(cache, "stats") else {}
     decoder = GraphDecoder(model, cache, token, max_new_tokens=steps + warmup, fuse=fuse)
     try:
