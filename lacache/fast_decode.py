@@ -82,7 +82,7 @@ def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return out, None
 
 
-def claim_slot(slot, valid, is_tail, slot_of, origin, n, T, seen, position_ids, cos32, sin32, inv_freq, dtype):
+def claim_slot(slot, valid, is_tail, slot_of, origin, n, T, seen, position_ids, ucos32, usin32, inv_freq, dtype):
     """Start a decode step on the device: take the first free physical slot of every layer for the
     new token (logical slot ``n``, tail region, original position ``seen``), set the query position
     to ``T``, and return the rotations the step needs (un-rotation at ``T`` for the raw key; the
@@ -96,7 +96,7 @@ def claim_slot(slot, valid, is_tail, slot_of, origin, n, T, seen, position_ids, 
     origin.scatter_(1, column, seen.expand(layers, 1))
     position_ids.copy_(T.expand_as(position_ids))
     angle = (n - T).float() * inv_freq
-    return cos32.index_select(0, T), -sin32.index_select(0, T), angle.cos().to(dtype), angle.sin().to(dtype)
+    return ucos32.index_select(0, T), -usin32.index_select(0, T), angle.cos().to(dtype), angle.sin().to(dtype)
 
 
 def _rms_norm(x, weight, eps: float):
@@ -231,7 +231,7 @@ class RingCache(Cache):
     def begin_step(self, position_ids: torch.Tensor) -> None:
         self.unrotate_cos, self.unrotate_sin, self.shift_cos, self.shift_sin = self.kernels.claim(
             self.slot, self.valid, self.is_tail, self.slot_of, self.origin, self.n, self.T, self.seen, position_ids,
-            self.rope.cos32, self.rope.sin32, self.inv_freq, self.keys.dtype)
+            self.rope.ucos32, self.rope.usin32, self.inv_freq, self.keys.dtype)
 
     def end_step(self) -> None:
         self.n += 1

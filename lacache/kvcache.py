@@ -68,11 +68,15 @@ class RotaryTable:
 
     Tables are kept in fp32 and in the cache's dtype; rotating in the cache's dtype matches the
     precision of the stock attention (which rotates in the model's dtype) and halves the traffic.
+    The model's tables carry its ``attention_scaling`` factor ``s`` (YaRN, LongRoPE: ``s != 1``),
+    so a rotated key is ``s * R(p) k``; un-rotation divides by ``s**2`` (``ucos32``/``usin32``)
+    so that re-rotating a raw key gives exactly what the model would have produced.
     """
 
     def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, dtype: torch.dtype):
         self.rotary_emb, self.device, self.dtype = rotary_emb, device, dtype
-        self.cos = self.sin = self.cos32 = self.sin32 = torch.empty(0, 0, device=device)
+        self.scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
+        self.cos = self.sin = self.cos32 = self.sin32 = self.ucos32 = self.usin32 = torch.empty(0, 0, device=device)
 
     def _ensure(self, size: int) -> None:
         if size <= self.cos.shape[0]:
@@ -82,6 +86,7 @@ class RotaryTable:
         positions = torch.arange(size, device=self.device)[None]
         cos, sin = self.rotary_emb(probe, positions)
         self.cos32, self.sin32 = cos[0].float(), sin[0].float()
+        self.ucos32, self.usin32 = self.cos32 / self.scale**2, self.sin32 / self.scale**2
         self.cos, self.sin = self.cos32.to(self.dtype), self.sin32.to(self.dtype)
 
     def rotate_into(self, out: torch.Tensor, x: torch.Tensor, start: int) -> None:
@@ -95,10 +100,10 @@ class RotaryTable:
         out[..., half:].addcmul_(x[..., :half], sin[:, half:])
 
     def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Inverse rotation (by ``-position``), in fp32: the raw key is derived once, at insertion."""
+        """Inverse rotation (by ``-position``, scale removed), in fp32: the raw key is derived once, at insertion."""
         m = x.shape[-2]
         self._ensure(start + m)
-        cos, sin = self.cos32[start : start + m], self.sin32[start : start + m]
+        cos, sin = self.ucos32[start : start + m], self.usin32[start : start + m]
         x = x.float()
         half = x.shape[-1] // 2
         rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)

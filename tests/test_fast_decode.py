@@ -23,6 +23,7 @@ POLICIES = {
     "streamingllm": lambda: StreamingLLMPolicy(budget=24, sink=4),
     "full": lambda: FullCachePolicy(),
 }
+YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}
 
 
 def exact_and_fast(model, make_policy, ids, prompt, rebase_every=50, graphs=None, fuse=False):
@@ -46,9 +47,10 @@ def exact_and_fast(model, make_policy, ids, prompt, rebase_every=50, graphs=None
     return exact, decoder, torch.stack(exact_logits, 1), torch.stack(fast_logits, 1)
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
+@pytest.mark.parametrize("name", sorted(POLICIES) + ["lacache S4 O2 yarn"])
 def test_fast_path_logits_and_positions_equal_the_exact_cache(name):
-    model = tiny_llama(layers=8)
+    model = tiny_llama(layers=8, **({"rope_scaling": YARN} if name.endswith("yarn") else {}))
+    name = name.removesuffix(" yarn")
     ids = torch.randint(0, 128, (2, 330), generator=torch.Generator().manual_seed(1))
     exact, decoder, want, got = exact_and_fast(model, POLICIES[name], ids, prompt=40)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()

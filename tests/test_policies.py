@@ -57,7 +57,9 @@ class SlotRotaryReferenceCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         n = len(self.raw[layer_idx])
         cos, sin = self._cos_sin([n])
+        scale = self.model.model.rotary_emb.attention_scaling  # the tables carry it: keys are scale * R(n) k
         raw, _ = apply_rotary_pos_emb(key_states, key_states, cos, -sin)  # rotate back by -n
+        raw = raw / scale**2
         self.raw[layer_idx].append((raw[0, :, 0], self.seen))
         self.vals[layer_idx].append(value_states[0, :, 0])
         keys = torch.stack([k for k, _ in self.raw[layer_idx]], dim=1)[None]
@@ -75,10 +77,15 @@ class SlotRotaryReferenceCache(DynamicCache):
         return keys, values
 
 
-@pytest.mark.parametrize("span, overlap, budget", [(4, 0, 24), (2, 0, 28)])
-def test_position_shift_matches_rotate_everything_reference(span, overlap, budget):
-    """Over a stream with many compactions and cursor wraps, logits equal the reference scheme."""
-    model = tiny_llama(seed=3)
+YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}  # attention_scaling 1.069
+
+
+@pytest.mark.parametrize("span, overlap, budget, rope", [(4, 0, 24, None), (2, 0, 28, None), (4, 0, 24, YARN)],
+                         ids=["S4", "S2", "S4-yarn"])
+def test_position_shift_matches_rotate_everything_reference(span, overlap, budget, rope):
+    """Over a stream with many compactions and cursor wraps, logits equal the reference scheme
+    (also for a RoPE whose tables carry an attention scaling, as YaRN's do)."""
+    model = tiny_llama(seed=3, **({"rope_scaling": rope} if rope else {}))
     ids = torch.randint(0, 128, (1, 220), generator=torch.Generator().manual_seed(1))
     ours = stream(model, LaCachePolicy(budget=budget, span=span, overlap=overlap).make_cache(model), ids)
     oracle = SlotRotaryReferenceCache(model, lambda t: kept_positions(8, span, overlap, budget, 4, t))
