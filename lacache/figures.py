@@ -195,7 +195,7 @@ def bench_vs_context(frame, path: str | Path, title: str) -> Path:
     plt = pyplot()
     rows = frame[frame["task"] == "bench"].copy()
     keys = ["policy", "budget"] + [c for c in ("batch", "decode", "prefill") if c in rows and rows[c].nunique(dropna=True) > 1]
-    panels = [("stats.kv_bytes_max", "KV cache, peak (MiB)", 2**-20), ("stats.kv_bytes_mean", "KV cache, mean over forwards (MiB)", 2**-20),
+    panels = [("stats.kv_bytes_max", "KV cache, peak incl. prefill (MiB)", 2**-20), ("decode_kv", "KV cache in decode (MiB)", 2**-20),
               ("speed", "decode tokens/s", 1.0)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     lines = {}
@@ -219,6 +219,10 @@ def bench_vs_context(frame, path: str | Path, title: str) -> Path:
                 batch = [1 if _missing(r.get("batch")) else r.get("batch") for r in points]
                 ys = [None if _missing(r.get("stats.decode_ms_per_token")) else b * 1000 / r["stats.decode_ms_per_token"]
                       for r, b in zip(points, batch)]
+            elif column == "decode_kv":  # the fast path's buffers; else the exact cache's mean over forwards
+                kv = [r.get("stats.kv_bytes_decode") if not _missing(r.get("stats.kv_bytes_decode")) else r.get("stats.kv_bytes_mean")
+                      for r in points]
+                ys = [None if _missing(v) else v * factor for v in kv]
             else:
                 ys = [None if _missing(r.get(column)) else r[column] * factor for r in points]
             xs = [r["context"] for r, y in zip(points, ys) if y is not None]
