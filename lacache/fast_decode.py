@@ -38,16 +38,10 @@ import types
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lacache.kvcache import CompactingCache, RotaryTable, rotary_embedding_of
+from lacache.kvcache import CompactingCache, RotaryTable, rotary_embedding_of, rotate
 
 ATTENTION_NAME = "lacache_ring"
 SPLIT = 128  # slots per split of the attention; ring capacities are rounded up to a multiple of it
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` rotated by the angles of ``cos``/``sin`` (rotate_half convention)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def ring_scores(query, key, value, is_tail, valid, shift_cos, shift_sin, scaling: float):
@@ -112,15 +106,14 @@ def _silu_mul(gate, up):
 class Kernels:
     """The decode step's elementwise chains, plain or fused with ``torch.compile`` (``fuse=True``).
 
-    In a CUDA graph every small kernel still costs a few microseconds; an 8B Llama step has ~1,500
-    of them (RMSNorm alone is 7 kernels, 65 times). Fused, the RMSNorms, the gated-MLP activation,
+    In a CUDA graph every small kernel still costs a few microseconds, and a Llama step has many of
+    them besides its matrix products (RMSNorm alone is ~7 kernels, twice per layer). Fused, the RMSNorms, the gated-MLP activation,
     the rotary embedding and the ring attention's score math become a few kernels each. The fused
     versions are installed only around the decode step's forward; other callers of the model see
     the stock modules.
     """
 
     def __init__(self, model, fuse: bool):
-        self.fuse = fuse
         compile_ = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if fuse else (lambda fn: fn)
         self.scores, self.rotate, self.claim = compile_(ring_scores), compile_(rotate), compile_(claim_slot)
         self.patches: list[tuple] = []
@@ -406,8 +399,7 @@ class GraphDecoder:
         """Apply the merges (and any wrap or rebase) due after the last step; ``step`` calls it first."""
         ring = self.ring
         segments = ring.pending_segments() or ()
-        rebase = ring.host_T - ring.host_n >= ring.rebase_every
-        if not segments and not rebase:
+        if not segments and ring.host_T - ring.host_n < ring.rebase_every:
             return
         clock = self._clock() if self.timed else None
         for segment in segments:

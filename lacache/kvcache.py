@@ -63,6 +63,12 @@ class RingRule:
     plan: Callable[[int], Sequence | None]
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` rotated by the angles of ``cos``/``sin`` (rotate_half convention; ``-sin`` rotates back)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 class RotaryTable:
     """cos/sin of the model's own rotary embedding (scaled variants included) at integer positions.
 
@@ -103,11 +109,7 @@ class RotaryTable:
         """Inverse rotation (by ``-position``, scale removed), in fp32: the raw key is derived once, at insertion."""
         m = x.shape[-2]
         self._ensure(start + m)
-        cos, sin = self.ucos32[start : start + m], self.usin32[start : start + m]
-        x = x.float()
-        half = x.shape[-1] // 2
-        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos - rotated_half * sin).to(self.dtype)
+        return rotate(x.float(), self.ucos32[start : start + m], -self.usin32[start : start + m]).to(self.dtype)
 
 
 def rotary_embedding_of(model: torch.nn.Module) -> torch.nn.Module:
