@@ -91,12 +91,12 @@ def ids_from_identity(record: dict) -> dict:
     name = TASK_NAMES.get(_class_name(task.get("_target_")), _class_name(task.get("_target_")).lower() or None)
     ids["task"] = name
     if name == "ruler":
-        from tasks.ruler_data import RULER_TASKS
+        from lacache.tasks.ruler_data import RULER_TASKS
 
         ids.update(context_length=task.get("context_length"), num_samples=task.get("num_samples"),
                    subtasks=",".join(_names(task.get("tasks"), {"all": RULER_TASKS})))
     elif name == "longbench":
-        from tasks.longbench_data import ENGLISH_DATASETS, LONGBENCH_DATASETS
+        from lacache.tasks.longbench_data import ENGLISH_DATASETS, LONGBENCH_DATASETS
 
         ids.update(datasets=",".join(_names(task.get("datasets"), {"english": ENGLISH_DATASETS, "all": LONGBENCH_DATASETS})),
                    limit=task.get("limit"), max_length=task.get("max_length"))

@@ -26,7 +26,7 @@ from lacache import models, records
 from lacache.ladder import LadderConfigError
 from lacache.policy import PolicyConfigError
 from lacache.tracking import NoLogger
-from tasks.base import RunContext, TaskConfigError
+from lacache.tasks.base import RunContext, TaskConfigError
 
 CONFIG_ERRORS = (PolicyConfigError, TaskConfigError, LadderConfigError, models.ModelUnavailableError, ValueError, FileNotFoundError)
 IDENTITY = ("model", "cache", "task", "seed")

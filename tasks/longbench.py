@@ -1,6 +1,6 @@
 """LongBench v1 through any cache policy (``task=longbench``).
 
-Data, prompts, truncation and metrics are LongBench's official ones (:mod:`tasks.longbench_data`):
+Data, prompts, truncation and metrics are LongBench's official ones (:mod:`lacache.tasks.longbench_data`):
 per sample the official prompt is tokenized, middle-truncated to ``max_length`` tokens (first and
 last halves, decoded and joined, as in ``pred.py``), wrapped in the model's chat template unless the
 dataset is one of ``NO_CHAT_TEMPLATE`` (trec, triviaqa, samsum, lsht, lcc, repobench-p), and
@@ -13,7 +13,7 @@ token and must produce at least one token first (``pred.py``'s ``eos_token_id=[e
 prompt and its answer fit in the positions the model was trained on (the official per-model
 ``model2maxlen`` values leave this room too, e.g. 3500 for Llama-2's 4096).
 
-Generation and compression: :mod:`tasks.generation` (a new cache per sample, the whole prompt =
+Generation and compression: :mod:`lacache.tasks.generation` (a new cache per sample, the whole prompt =
 context + question compressed as one sequence, as in the paper; a fractional budget resolves
 against the prompt length).
 
@@ -33,9 +33,9 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
-from tasks import generation as gen
-from tasks import longbench_data as lb
-from tasks.base import RunContext, Task, TaskConfigError, TaskResult, check_choices
+from lacache.tasks import generation as gen
+from lacache.tasks import longbench_data as lb
+from lacache.tasks.base import RunContext, Task, TaskConfigError, TaskResult, check_choices
 
 DATASET_GROUPS = {"english": lb.ENGLISH_DATASETS, "all": lb.LONGBENCH_DATASETS}
 

@@ -20,7 +20,7 @@ and appends "The pass key is" after the generation prompt; the default is the re
 Sample ``i`` of every cell uses the same pass key and haystack start (seeded by ``seed`` and ``i``),
 so a row or column of the grid differs only in length or depth.
 
-Generation and compression: :mod:`tasks.generation` (a new cache per sample, the whole prompt
+Generation and compression: :mod:`lacache.tasks.generation` (a new cache per sample, the whole prompt
 compressed as one sequence; a fractional budget resolves against the prompt length, like the
 reference's ``int(budget * prompt_tokens)``).
 
@@ -45,10 +45,10 @@ from typing import ClassVar
 from tqdm.auto import tqdm
 
 from lacache.assets import essays_text
-from tasks import generation as gen
-from tasks.base import RunContext, Task, TaskConfigError, TaskResult
-from tasks.ruler import check_context_length
-from tasks.ruler_data import split_sentences
+from lacache.tasks import generation as gen
+from lacache.tasks.base import RunContext, Task, TaskConfigError, TaskResult
+from lacache.tasks.ruler import check_context_length
+from lacache.tasks.ruler_data import split_sentences
 
 TASK_DESCRIPTION = (
     "There is important information hidden in a lot of irrelevant text. "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lacache.assets import essays_text
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lacache.models import input_device
-from tasks.base import RunContext, Task, TaskConfigError, TaskResult
+from lacache.tasks.base import RunContext, Task, TaskConfigError, TaskResult
 
 DATASETS = ("pg_essays", "wikitext2", "pg19", "text_file")
 

@@ -1,6 +1,6 @@
 """RULER's 13 synthetic long-context tasks through any cache policy (``task=ruler``).
 
-Samples come from :mod:`tasks.ruler_data` (NVIDIA's RULER templates, data and metrics) for the
+Samples come from :mod:`lacache.tasks.ruler_data` (NVIDIA's RULER templates, data and metrics) for the
 model's own tokenizer. Each prompt is RULER's input wrapped as one user message of the model's chat
 template (applied after generation: RULER's niah rewrites 'are' -> 'is' in its template, which would
 mangle a chat system prompt), followed by the task's answer prefix after the generation prompt;
@@ -11,7 +11,7 @@ The chat wrapper's tokens count against the haystack, so prompt + ``max_new_toke
 actual lengths are recorded per sample (``length``: RULER's text without the wrapper;
 ``prompt_tokens``: what the model was fed).
 
-Generation and compression: :mod:`tasks.generation` (greedy, a new cache per sample, the whole
+Generation and compression: :mod:`lacache.tasks.generation` (greedy, a new cache per sample, the whole
 prompt compressed as one sequence; a fractional budget resolves against the prompt length).
 
 Metrics (RULER's scale, 0-100): ``ruler/<task>`` (string_match_all, or string_match_part for qa)
@@ -27,9 +27,9 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
-from tasks import generation as gen
-from tasks import ruler_data
-from tasks.base import RunContext, Task, TaskConfigError, TaskResult, check_choices
+from lacache.tasks import generation as gen
+from lacache.tasks import ruler_data
+from lacache.tasks.base import RunContext, Task, TaskConfigError, TaskResult, check_choices
 
 
 def _task_list(tasks) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tasks.ppl import PerplexityTask
+from lacache.tasks.ppl import PerplexityTask
 
 
 @dataclass

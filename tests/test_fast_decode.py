@@ -8,9 +8,9 @@ GPU machine: ``pytest -m cuda``; it is skipped without CUDA).
 import pytest
 import torch
 
-from baselines.full import FullCachePolicy
-from baselines.lacache_reference import ReferenceLaCachePolicy
-from baselines.streamingllm import StreamingLLMPolicy
+from lacache.baselines.full import FullCachePolicy
+from lacache.baselines.lacache_reference import ReferenceLaCachePolicy
+from lacache.baselines.streamingllm import StreamingLLMPolicy
 from conftest import stream, tiny_llama
 from lacache.fast_decode import GraphDecoder
 from lacache.ladder import kept_positions
@@ -141,7 +141,7 @@ def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse):
                                   lambda d: StreamingLLMPolicy(budget=12, sink=2, decode=d),
                                   lambda d: FullCachePolicy(decode=d)], ids=["lacache", "streamingllm", "full"])
 def test_generation_with_decode_fast_equals_exact(make):
-    from tasks import generation
+    from lacache.tasks import generation
     from test_tasks import LetterTokenizer
 
     model = tiny_llama(layers=8, seed=4)
@@ -155,7 +155,7 @@ def test_generation_with_decode_fast_equals_exact(make):
 
 
 def test_decode_fast_is_refused_where_there_is_no_fast_path():
-    from baselines.h2o import H2OPolicy
+    from lacache.baselines.h2o import H2OPolicy
     from lacache.policy import PolicyConfigError
 
     for policy in (H2OPolicy, ReferenceLaCachePolicy):

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.full import FullCachePolicy
+from lacache.baselines.full import FullCachePolicy
 from lacache.records import load_records
-from tasks.base import RunContext
-from tasks.ppl import PerplexityTask
+from lacache.tasks.base import RunContext
+from lacache.tasks.ppl import PerplexityTask
 
 ROOT = Path(__file__).resolve().parent.parent
 

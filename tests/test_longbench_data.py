@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import longbench_data as lb
+from lacache.tasks import longbench_data as lb
 
 FIXTURE = Path(__file__).parent / "fixtures" / "longbench"
 FIXTURE_DATASETS = sorted(p.stem for p in FIXTURE.glob("*.jsonl"))
@@ -220,7 +220,7 @@ def test_hub_offline_raises_clear_error(tmp_path):
     pytest.importorskip("datasets")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     code = (
-        "from tasks import longbench_data as lb\n"
+        "from lacache.tasks import longbench_data as lb\n"
         "try:\n    lb.load('hotpotqa')\nexcept RuntimeError as e:\n    print('RUNTIMEERROR', e)\n"
     )
     root = Path(__file__).resolve().parents[1]

@@ -5,9 +5,9 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from baselines.full import FullCachePolicy
-from baselines.h2o import H2OPolicy, HeavyHitterCache, attention_column_sums
-from baselines.streamingllm import StreamingLLMPolicy
+from lacache.baselines.full import FullCachePolicy
+from lacache.baselines.h2o import H2OPolicy, HeavyHitterCache, attention_column_sums
+from lacache.baselines.streamingllm import StreamingLLMPolicy
 from conftest import stream, tiny_llama
 from lacache.ladder import kept_positions
 from lacache.ladder_cache import LaCachePolicy

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks import ruler_data as rd
+from lacache.tasks import ruler_data as rd
 
 REPO = Path(__file__).resolve().parents[1]
 LENGTHS = (1024, 2048, 4096)
@@ -341,7 +341,7 @@ import numpy as np
 
 REPO, OUT = sys.argv[1], sys.argv[2]
 sys.path.insert(0, REPO)
-from tasks import ruler_data as rd
+from lacache.tasks import ruler_data as rd
 import long_context_eval
 from long_context_eval.data.synthetic.constants import TASKS
 

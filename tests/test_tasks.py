@@ -7,16 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.full import FullCachePolicy
-from baselines.streamingllm import StreamingLLMPolicy
+from lacache.baselines.full import FullCachePolicy
+from lacache.baselines.streamingllm import StreamingLLMPolicy
 from conftest import tiny_llama
-from tasks import generation as gen
-from tasks import longbench_data as lb
-from tasks import ruler_data
-from tasks.base import RunContext, TaskConfigError
-from tasks.longbench import LongBenchTask
-from tasks.niah import NEEDLE, QUESTION, NeedleTask, recovered
-from tasks.ruler import RulerTask
+from lacache.tasks import generation as gen
+from lacache.tasks import longbench_data as lb
+from lacache.tasks import ruler_data
+from lacache.tasks.base import RunContext, TaskConfigError
+from lacache.tasks.longbench import LongBenchTask
+from lacache.tasks.niah import NEEDLE, QUESTION, NeedleTask, recovered
+from lacache.tasks.ruler import RulerTask
 from test_harness import run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "longbench"
