@@ -1,30 +1,34 @@
 """A transformers ``Cache`` whose slots can be merged or evicted, with position-shift RoPE.
 
-Position shift (StreamingLLM, LaCache): a cached key's rotary position is its slot index in the
-compacted cache and the query's is its own slot index. transformers takes a call's positions from
-``get_seq_length()`` (the number of slots held), so the stock attention already rotates the query
-and the new keys at their slot indices; only keys that *move* to another slot need a new rotation.
+Position shift (StreamingLLM, LaCache, H2O's streaming code): a cached key's rotary position is
+its slot index in the compacted cache and the query's is its own slot index. transformers takes a
+call's positions from ``get_seq_length()`` (the number of slots held), so the stock attention
+rotates the query and the new keys at their slot indices. Policies whose reference keeps original
+positions (``position_mode = "original"``: SnapKV, TOVA, PyramidKV) report the number of tokens
+seen instead, so the query sits at its true position and each key at its own.
 
-To rotate without accumulating rounding error, the cache keeps each key twice: rotated at its
-current slot (what attention reads) and un-rotated ("raw", derived once at insertion in fp32).
-A compaction gathers raw keys, values and original positions into the region that changed and
-re-rotates just that region from the raw keys: no whole-cache re-rotation, no Python index lists,
-no per-step allocation of a new cache.
+Storage holds what a key *is*, not where it sits: un-rotated ("raw") keys, values and original
+positions, in stacked buffers ``[num_layers, batch, heads, capacity, head_dim]`` so that one
+gather compacts every layer at once. A compaction only moves slots; nothing is re-rotated. Each
+layer's ``update`` returns its held keys rotated at their current positions (the reference's
+"rotate at attention time"): a transient of one layer, so the cache holds ``budget`` plain K + V
+entries and no second copy of the keys, and a key never accumulates rounding from repeated
+re-rotation. New keys are returned as the model rotated them.
 
-All layers live in stacked buffers ``[num_layers, batch, heads, capacity, head_dim]`` so that one
-gather compacts every layer at once. Subclasses decide *what* to keep (:meth:`plan`); this class
-does the moving.
+Memory: buffers grow as needed (a full prefill holds the whole prompt once) and shrink back to
+``budget + slack`` slots at the first compaction that makes room, one buffer at a time.
 
-Compaction is lazy: a forward appends its tokens; the first layer's ``update`` of the *next*
-forward applies the pending plan to all layers before appending. ``get_seq_length`` already
-reports the compacted length, so positions and masks of the next call are right, and a plain
-``model(ids, past_key_values=cache)`` loop works without any hook.
+Compaction is lazy: a forward appends its tokens; the policy's :meth:`plan` runs at the first
+question asked after the forward (``get_seq_length``, the next forward), i.e. after every layer's
+attention of that forward ran, so score-based policies see complete scores; the plan is applied
+by the first layer's ``update`` of the next forward. A plain ``model(ids, past_key_values=cache)``
+loop works without any hook.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -35,12 +39,16 @@ class Plan:
     """What a compaction keeps. Output slots ``[start, start + m)`` take the source slots in
     ``index`` (per layer, batch, head; ``m = index.shape[-1]``, none if ``index`` is None); the
     remaining output slots ``[start + m, new_length)`` take the contiguous source slots from
-    ``tail_source`` on (one slice copy for all layers: the common case of a shifting tail)."""
+    ``tail_source`` on (one slice copy for all layers: the common case of a shifting tail).
+    ``lengths``: per-layer slots kept when layers keep different counts (layer ``l`` keeps the first
+    ``lengths[l]`` of its ``index`` row; ``new_length`` is their maximum); only for caches whose
+    ``position_mode`` is ``"original"``, where a query's position does not depend on a layer's length."""
 
     start: int
     index: torch.Tensor | None  # int64 [layers | 1, batch | 1, heads | 1, m], absolute source slots
     new_length: int
     tail_source: int | None = None
+    lengths: Sequence[int] | None = None
 
     @property
     def gathered(self) -> int:
@@ -105,6 +113,18 @@ class RotaryTable:
         out[..., :half].addcmul_(x[..., half:], sin[:, :half], value=-1)
         out[..., half:].addcmul_(x[..., :half], sin[:, half:])
 
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., m, D]`` rotated to per-slot ``positions`` ``[..., m]`` (each head may differ)."""
+        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        index = positions.long()
+        return rotate(x, self.cos[index], self.sin[index])
+
+    def unrotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`rotate_at` in fp32 (scale removed): the raw key, derived once at insertion."""
+        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        index = positions.long()
+        return rotate(x.float(), self.ucos32[index], -self.usin32[index]).to(self.dtype)
+
     def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Inverse rotation (by ``-position``, scale removed), in fp32: the raw key is derived once, at insertion."""
         m = x.shape[-2]
@@ -144,7 +164,7 @@ class CompactingLayer(DynamicLayer):
         return self.owner.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.get_seq_length() + query_length, 0
+        return self.owner.get_mask_sizes(query_length)
 
     def get_max_length(self) -> int:
         return -1
@@ -157,7 +177,8 @@ class CompactingLayer(DynamicLayer):
 
     @property
     def keys(self):
-        return self.owner._view("keys", self.index)
+        """This layer's held keys rotated as attention reads them (computed: the cache stores raw keys)."""
+        return self.owner.rotated_keys(self.index)
 
     @keys.setter
     def keys(self, value):
@@ -173,10 +194,14 @@ class CompactingLayer(DynamicLayer):
 
 
 class CompactingCache(Cache):
-    """Base class of the merging/evicting policies: stacked buffers + position shift + lazy compaction."""
+    """Base class of the merging/evicting policies: stacked raw buffers + rotation at read + lazy compaction."""
 
     #: Slots allocated beyond the steady-state need so that decode never reallocates.
     slack = 8
+    #: "shift": keys at their slot index, the query at the slot count; "original": every token keeps its own position.
+    position_mode: ClassVar[str] = "shift"
+    #: Names of the per-slot buffers; resized together (subclasses add their own, e.g. scores).
+    per_slot: ClassVar[tuple[str, ...]] = ("raw_keys", "values", "positions")
 
     def __init__(self, model: torch.nn.Module, capacity: int):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -184,22 +209,27 @@ class CompactingCache(Cache):
         super().__init__(layers=[CompactingLayer(self, i) for i in range(self.num_layers)])
         self.rotary_emb = rotary_embedding_of(model)
         self.initial_capacity = capacity + self.slack
-        self.length = 0  # slots held (all layers equal), before the pending plan
+        self.length = 0  # slots held (the longest layer), before the pending plan
+        self.layer_lengths: list[int] | None = None  # per layer when they differ (Plan.lengths)
         self.pending: Plan | None = None
+        self.planned = True  # False between a forward and the plan made for it
         self.seen = 0  # tokens appended so far (= next token's original position)
-        self.keys = self.raw_keys = self.values = self.positions = None
+        self.raw_keys = self.values = self.positions = None
         self.rope: RotaryTable | None = None
         self.peak_slots = 0
         self.slot_steps = 0  # sum over forwards of slots held, for the mean
         self.forwards = 0
+        self.bytes_prefill = self.bytes_decode = self.bytes_peak = 0
 
     # ------------------------------------------------------------------ policy hooks
     def plan(self, length: int) -> Plan | None:
-        """Called after each forward with the slots held; return what to keep (``None``: keep all)."""
+        """Called once after each forward (after every layer's attention ran) with the slots held;
+        return what to keep (``None``: keep all)."""
         raise NotImplementedError
 
-    def on_append(self, layer: int, start: int, count: int) -> None:
-        """Called after a layer's new tokens were written at ``[start, start+count)`` (for score keeping)."""
+    def on_append(self, layer: int, start: int, count: int, keys: torch.Tensor) -> None:
+        """Called after a layer's new tokens were written at ``[start, start+count)``; ``keys`` are the
+        layer's keys ``[batch, heads, start+count, dim]`` rotated as attention reads them (for scoring)."""
 
     def on_compact(self, plan: Plan) -> None:
         """Called after a plan was applied to every buffer (subclasses move their own per-slot state)."""
@@ -209,11 +239,23 @@ class CompactingCache(Cache):
         return None
 
     # ------------------------------------------------------------------ transformers Cache API
-    def get_seq_length(self, layer_idx: int = 0) -> int:
+    def _settle(self) -> None:
+        """Make the plan for the last forward (its attention has run in every layer by now)."""
+        if not self.planned:
+            self.planned = True
+            self.pending = self.plan(self.length)
+
+    def held(self) -> int:
+        """Slots held after the pending plan (the longest layer)."""
+        self._settle()
         return self.pending.new_length if self.pending is not None else self.length
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen if self.position_mode == "original" else self.held()
+
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        held = self.held()
+        return held + query_length, (self.seen - held if self.position_mode == "original" else 0)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.get_seq_length()
@@ -226,60 +268,112 @@ class CompactingCache(Cache):
         return False
 
     # ------------------------------------------------------------------ storage
+    @property
+    def capacity(self) -> int:
+        """Slots allocated per layer."""
+        return 0 if self.raw_keys is None else self.raw_keys.shape[3]
+
+    def slot_buffers(self) -> dict[str, torch.Tensor]:
+        """Every per-slot tensor ``[L, B, H, capacity, ...]`` the cache holds, by attribute name (:attr:`per_slot`)."""
+        return {name: getattr(self, name) for name in self.per_slot if getattr(self, name, None) is not None}
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor the cache holds (raw keys, values, positions, a subclass's per-slot state)."""
+        return sum(b.numel() * b.element_size() for b in self.slot_buffers().values())
+
+    def _resize(self, capacity: int) -> None:
+        """Re-allocate every per-slot buffer to ``capacity`` slots, keeping the held ones; one buffer at
+        a time, so the transient is one buffer, never a second copy of the cache."""
+        n = self.length
+        for name in list(self.slot_buffers()):
+            old = getattr(self, name)
+            fresh = old.new_zeros(old.shape[:3] + (capacity,) + old.shape[4:])
+            fresh[:, :, :, :n].copy_(old[:, :, :, :n])
+            self.bytes_peak = max(self.bytes_peak, self.allocated_bytes() + fresh.numel() * fresh.element_size())
+            setattr(self, name, fresh)
+            del old
+
     def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, capacity: int) -> None:
+        if self.raw_keys is not None:
+            self._resize(capacity)
+            return
         batch, heads, _, dim = key_states.shape
-        shape = (self.num_layers, batch, heads, capacity, dim)
-        old = (self.keys, self.raw_keys, self.values, self.positions)
-        self.keys = key_states.new_empty(shape)
-        self.raw_keys = key_states.new_empty(shape)
-        self.values = value_states.new_empty(shape[:-1] + (value_states.shape[-1],))
-        self.positions = torch.empty(shape[:-1], dtype=torch.long, device=key_states.device)
-        if old[0] is not None:
-            n = self.length
-            for new, prev in zip((self.keys, self.raw_keys, self.values, self.positions), old):
-                new[:, :, :, :n].copy_(prev[:, :, :, :n])
-        if self.rope is None:
-            self.rope = RotaryTable(self.rotary_emb, key_states.device, key_states.dtype)
+        shape = (self.num_layers, batch, heads, capacity)
+        self.raw_keys = key_states.new_empty(shape + (dim,))
+        self.values = value_states.new_empty(shape + (value_states.shape[-1],))
+        self.positions = torch.zeros(shape, dtype=torch.int32, device=key_states.device)
+        self.rope = RotaryTable(self.rotary_emb, key_states.device, key_states.dtype)
+
+    def layer_length(self, layer: int) -> int:
+        return self.length if self.layer_lengths is None else self.layer_lengths[layer]
 
     def _view(self, name: str, layer: int):
         buffer = getattr(self, name)
         if buffer is None:
             return None
-        return buffer[layer, :, :, : self.length]
+        return buffer[layer, :, :, : self.layer_length(layer)]
+
+    def rotated_keys(self, layer: int, count: int | None = None) -> torch.Tensor | None:
+        """The first ``count`` (default: all held) keys of ``layer`` rotated at their current positions."""
+        if self.raw_keys is None:
+            return None
+        n = self.layer_length(layer) if count is None else count
+        raw = self.raw_keys[layer, :, :, :n]
+        if self.position_mode == "original":
+            return self.rope.rotate_at(raw, self.positions[layer, :, :, :n])
+        self.rope._ensure(n)
+        return rotate(raw, self.rope.cos[:n], self.rope.sin[:n])
 
     def _append(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if layer == 0:
             self._begin_forward(key_states, value_states)
-        n, q = self.length, key_states.shape[-2]
-        self.keys[layer, :, :, n : n + q] = key_states
-        self.raw_keys[layer, :, :, n : n + q] = self.rope.unrotate(key_states, n)
+        n, q = self.layer_length(layer), key_states.shape[-2]
+        if self.layer_lengths is not None and q > 1:
+            raise ValueError(
+                f"{type(self).__name__}: its layers hold different numbers of slots, so one causal mask cannot "
+                "serve a multi-token forward; feed the following tokens one at a time"
+            )
+        positions = self.positions[layer, :, :, n : n + q]
+        positions.copy_(torch.arange(self.seen, self.seen + q, device=positions.device, dtype=positions.dtype))
+        inserted = positions if self.position_mode == "original" else torch.arange(n, n + q, device=positions.device)
+        self.raw_keys[layer, :, :, n : n + q] = self.rope.unrotate_at(key_states, inserted)
         self.values[layer, :, :, n : n + q] = value_states
-        self.on_append(layer, n, q)
+        if n == 0:
+            keys = key_states  # nothing held before: the model's own keys are the whole layer
+        else:
+            keys = torch.cat([self.rotated_keys(layer, n), key_states], dim=-2)
+        self.on_append(layer, n, q, keys)
         if layer == self.num_layers - 1:
             self._end_forward(q)
-        end = n + q
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return keys, self.values[layer, :, :, : n + q]
 
     def _begin_forward(self, key_states, value_states) -> None:
+        self._settle()
         if self.pending is not None:
             self._apply(self.pending)
             self.pending = None
         q = key_states.shape[-2]
         needed = self.length + q
-        if self.keys is None or needed > self.keys.shape[3]:
-            capacity = max(needed + self.slack, self.initial_capacity)
-            if self.keys is not None:
-                capacity = max(capacity, int(self.keys.shape[3] * 1.5))
-            self._allocate(key_states, value_states, capacity)
-        self.positions[:, :, :, self.length : needed] = torch.arange(self.seen, self.seen + q, device=self.positions.device)
+        if self.raw_keys is None or needed > self.capacity:
+            self._allocate(key_states, value_states, max(needed + self.slack, self.initial_capacity))
+        elif self.capacity > self.initial_capacity and needed <= self.initial_capacity:
+            self._resize(self.initial_capacity)  # a full prefill is over: give its memory back
 
     def _end_forward(self, q: int) -> None:
         self.length += q
+        if self.layer_lengths is not None:
+            self.layer_lengths = [n + q for n in self.layer_lengths]
         self.seen += q
         self.forwards += 1
         self.peak_slots = max(self.peak_slots, self.length)
         self.slot_steps += self.length
-        self.pending = self.plan(self.length)
+        allocated = self.allocated_bytes()
+        self.bytes_peak = max(self.bytes_peak, allocated)
+        if q > 1:
+            self.bytes_prefill = max(self.bytes_prefill, allocated)
+        else:
+            self.bytes_decode = max(self.bytes_decode, allocated)
+        self.planned = False
 
     def move(self, buffer: torch.Tensor, plan: Plan) -> None:
         """Apply ``plan`` in place to one per-slot buffer ``[L, B, H, capacity(, D)]`` holding ``self.length`` slots."""
@@ -298,41 +392,57 @@ class CompactingCache(Cache):
             buffer[:, :, :, start : start + m] = gathered
 
     def _apply(self, plan: Plan) -> None:
-        """Move the kept slots into ``[start, new_length)`` and re-rotate exactly that region."""
+        """Move the kept slots into ``[start, new_length)``; keys are stored raw, so nothing is re-rotated."""
+        if plan.lengths is not None and self.position_mode != "original":
+            raise ValueError("per-layer lengths need position_mode='original' (a shifted query's position is its layer's length)")
         for buffer in (self.raw_keys, self.values, self.positions):
             self.move(buffer, plan)
-        start, end = plan.start, plan.new_length
-        self.rope.rotate_into(self.keys[:, :, :, start:end], self.raw_keys[:, :, :, start:end], start)
         self.on_compact(plan)
         self.length = plan.new_length
+        self.layer_lengths = None if plan.lengths is None or len(set(plan.lengths)) == 1 else list(plan.lengths)
 
     # ------------------------------------------------------------------ reporting
     def kept_positions(self) -> torch.Tensor:
-        """Original token positions held, ``[layers, batch, heads, slots]`` (after any pending compaction)."""
-        held = self.positions[:, :, :, : self.length].clone()
+        """Original token positions held, ``[layers, batch, heads, slots]`` (after any pending compaction;
+        with per-layer lengths, a layer's row beyond its length is -1)."""
+        self._settle()
+        held = self.positions[:, :, :, : self.length].long()
+        lengths = self.layer_lengths
         if self.pending is not None:
             self.move(held, self.pending)
             held = held[..., : self.pending.new_length]
+            lengths = self.pending.lengths
+        if lengths is not None:
+            beyond = torch.arange(held.shape[-1], device=held.device) >= torch.tensor(lengths, device=held.device)[:, None, None, None]
+            held = held.masked_fill(beyond, -1)
         return held
 
     def entries_per_layer(self) -> list[int]:
-        return [self.get_seq_length()] * self.num_layers
+        self._settle()
+        if self.pending is not None and self.pending.lengths is not None:
+            return list(self.pending.lengths)
+        if self.pending is None and self.layer_lengths is not None:
+            return list(self.layer_lengths)
+        return [self.held()] * self.num_layers
 
     def bytes_per_slot(self) -> int:
-        """Bytes one slot costs over all layers: rotated key + raw key + value (+ position index)."""
-        if self.keys is None:
+        """Bytes one slot costs over all layers: every per-slot buffer (raw key, value, position, scores)."""
+        if self.raw_keys is None:
             return 0
-        L, B, H, _, D = self.keys.shape
-        per = B * H * (2 * D * self.keys.element_size() + self.values.shape[-1] * self.values.element_size() + 8)
-        return L * per
+        return self.allocated_bytes() // self.capacity
 
     def stats(self) -> dict:
-        """KV entries and bytes held: mean and max over forwards, as the harness records them."""
+        """KV entries and bytes: slots held (mean and max over forwards) and bytes allocated (after the
+        prefill, in decode, peak including a resize's transient), as the harness records them."""
         mean_slots = self.slot_steps / self.forwards if self.forwards else 0.0
+        per_slot = self.bytes_per_slot()
         return {
             "kv_entries_per_layer_mean": mean_slots,
             "kv_entries_per_layer_max": self.peak_slots,
-            "kv_bytes_mean": mean_slots * self.bytes_per_slot(),
-            "kv_bytes_max": self.peak_slots * self.bytes_per_slot(),
-            "kv_bytes_allocated": (self.keys.shape[3] * self.bytes_per_slot()) if self.keys is not None else 0,
+            "kv_bytes_mean": mean_slots * per_slot,
+            "kv_bytes_max": self.peak_slots * per_slot,
+            "kv_bytes_allocated": self.allocated_bytes(),
+            "kv_bytes_prefill": self.bytes_prefill,
+            "kv_bytes_decode": self.bytes_decode,
+            "kv_bytes_peak": self.bytes_peak,
         }
