@@ -3,7 +3,10 @@
 Notation follows ``docs/LACACHE.md`` (and the reference code): ``L`` layers, span ``S``, overlap ``O``,
 budget ``C`` slots per layer, ``s`` sink slots. One compaction step ("merging a ladder") at cursor
 ``c`` takes the block of ``b`` slots ``[c, c+b)`` and keeps, in layer ``i``, the ``a`` slots
-``[c+off_i, c+off_i+a)`` with ``off_i = i mod P``; the tail moves left by ``r = b - a``.
+``[c+off_i, c+off_i+a)``; the tail moves left by ``r = b - a``. The layout picks ``off_i``:
+``reference`` (the reference code) ``off_i = i mod P``; ``bands`` (the paper's text) the window
+that holds the tokens whose band of ``S`` consecutive layers reaches layer ``i``
+(:meth:`Ladder.offset`).
 
 Everything here is host-side integer arithmetic. The cache (``lacache.lacache_cache``) turns a
 :class:`Compaction` into one gather on the device; :func:`kept_positions` replays the same rules on
@@ -16,17 +19,21 @@ import math
 from dataclasses import dataclass
 
 
+LAYOUTS = ("reference", "bands")
+
+
 class LadderConfigError(ValueError):
     """A LaCache configuration the reference code would divide by zero on or silently misbehave."""
 
 
 @dataclass(frozen=True)
 class Ladder:
-    """Derived constants of one (layers, span, overlap) triple (spec section 1.1)."""
+    """Derived constants of one (layers, span, overlap) triple (spec section 1.1) and its layout."""
 
     num_layers: int
     span: int
     overlap: int
+    layout: str = "reference"
 
     @property
     def stride(self) -> int:  # d = S - O
@@ -49,11 +56,27 @@ class Ladder:
         return self.freed + 1
 
     def offset(self, layer: int) -> int:
+        """Start of the ``a`` slots layer ``layer`` keeps inside each merged block (``0 .. b - a``).
+
+        ``reference``: ``layer mod P``, the reference code's interleaved "stacked ladder".
+        ``bands``: token ``j`` of a block is kept by the ``S`` layers ``[j*d, j*d + S)``, as the
+        paper describes, so layer ``i`` needs the tokens from ``ceil((i - S + 1)/d)`` to
+        ``floor(i/d)`` (at most ``a`` of them). It keeps the ``a`` tokens starting at the first
+        one, shifted back inside the block where that runs past its end; a layer whose band
+        holds fewer than ``a`` tokens (the first and last layers when ``O > 0``, and every layer
+        when ``d`` does not divide ``S``) so also keeps the next (or, at the end, the previous)
+        tokens, and every layer keeps ``a`` slots per block: equal lengths in all layers.
+        """
+        if self.layout == "bands":
+            first = -((self.span - 1 - layer) // self.stride)  # ceil((layer - S + 1) / d)
+            return min(max(first, 0), self.freed)
         return layer % self.patterns
 
     def problems(self) -> list[str]:
         """Violated structural constraints, each with the nearest valid values."""
         L, S, O = self.num_layers, self.span, self.overlap
+        if self.layout not in LAYOUTS:
+            return [f"layout={self.layout!r} is not one of {LAYOUTS}"]
         if S < 1 or O < 0:
             return [f"span must be >= 1 and overlap >= 0 (got span={S}, overlap={O})"]
         if O >= S:
@@ -85,9 +108,10 @@ def min_budget(ladder: Ladder, sink: int) -> int:
     return sink + ladder.num_layers + ladder.kept
 
 
-def validate(num_layers: int, span: int, overlap: int, budget: int | None = None, sink: int = 0) -> Ladder:
+def validate(num_layers: int, span: int, overlap: int, budget: int | None = None, sink: int = 0,
+             layout: str = "reference") -> Ladder:
     """Return the :class:`Ladder` or raise :class:`LadderConfigError` naming every failed constraint."""
-    ladder = Ladder(num_layers, span, overlap)
+    ladder = Ladder(num_layers, span, overlap, layout)
     problems = ladder.problems()
     if not problems and budget is not None:
         if sink < 0:
@@ -176,23 +200,27 @@ class LadderState:
 
 
 def kept_positions(
-    num_layers: int, span: int, overlap: int, budget: int, sink: int, num_tokens: int, compact_every: int = 1
+    num_layers: int, span: int, overlap: int, budget: int, sink: int, num_tokens: int, compact_every: int = 1,
+    layout: str = "reference",
 ) -> list[list[int]]:
     """Original token positions each layer holds after ``num_tokens`` tokens fed one at a time.
 
     Starts from an empty cache and compacts after every token, as the reference's ppl loop does
     (after every ``compact_every`` tokens past the budget, if given).
     """
-    ladder = validate(num_layers, span, overlap, budget, sink)
+    ladder = validate(num_layers, span, overlap, budget, sink, layout)
     state = LadderState(ladder, budget, sink, compact_every)
-    patterns = [[] for _ in range(ladder.patterns)]  # layers with equal offsets hold equal caches
+    first_layer = {}  # layers with equal offsets hold equal caches: replay the first layer of each offset
+    for layer in range(num_layers):
+        first_layer.setdefault(ladder.offset(layer), layer)
+    held = {offset: [] for offset in first_layer}
     for token in range(num_tokens):
-        for held in patterns:
-            held.append(token)
-        compaction = state.plan(len(patterns[0]))
+        for cache in held.values():
+            cache.append(token)
+        compaction = state.plan(len(held[0]))  # offset 0 (layer 0) exists in every layout
         if compaction is None:
             continue
-        for p, held in enumerate(patterns):
+        for offset, cache in held.items():
             for seg in compaction.segments:
-                held[:] = [held[j] for j in state.kept_sources(p, seg, len(held))]
-    return [list(patterns[ladder.offset(i)]) for i in range(num_layers)]
+                cache[:] = [cache[j] for j in state.kept_sources(first_layer[offset], seg, len(cache))]
+    return [list(held[ladder.offset(i)]) for i in range(num_layers)]

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from lacache.kvcache import CompactingCache, Plan, RingRule
-from lacache.ladder import Ladder, LadderConfigError, LadderState, validate
+from lacache.ladder import LAYOUTS, Ladder, LadderConfigError, LadderState, validate
 from lacache.policy import CachePolicy, PolicyConfigError, text_config
 
 
@@ -32,15 +32,16 @@ class LadderCache(CompactingCache):
         self._layer_pattern = None
 
     def _merged_source(self, seg, u: torch.Tensor) -> torch.Tensor:
-        """Source slot of the ``u``-th kept slot of a segment's merged ladders, one row per layer pattern."""
+        """Source slot of the ``u``-th kept slot of a segment's merged ladders, one row per offset ``0 .. b-a``."""
         lad = self.ladder
         offsets = torch.arange(lad.patterns, device=u.device)[:, None]
         return seg.cursor + torch.div(u, lad.kept, rounding_mode="floor") * lad.block + offsets + u % lad.kept
 
     def _per_layer(self, rows: torch.Tensor) -> torch.Tensor:
-        """Expand ``[patterns, m]`` rows to the ``[layers, 1, 1, m]`` index of a plan."""
+        """Expand ``[patterns, m]`` rows (one per offset) to the ``[layers, 1, 1, m]`` index of a plan."""
         if self._layer_pattern is None:
-            self._layer_pattern = torch.arange(self.num_layers, device=rows.device) % self.ladder.patterns
+            offsets = [self.ladder.offset(i) for i in range(self.num_layers)]
+            self._layer_pattern = torch.tensor(offsets, device=rows.device)
         return rows[self._layer_pattern][:, None, None, :]
 
     def ring_rule(self) -> RingRule:
@@ -87,9 +88,12 @@ class LaCachePolicy(CachePolicy):
     overlap: int = 0
     sink: int | str = 4
     compact_every: int = 1
+    layout: str = "reference"  # reference: layer i keeps offset i mod P | bands: the paper's S-layer bands
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.layout not in LAYOUTS:
+            raise PolicyConfigError(f"layout={self.layout!r} is not one of {LAYOUTS}")
         if self.budget is None:
             raise PolicyConfigError("lacache needs a budget (entries per layer, or a fraction)")
         if not (isinstance(self.sink, int) or self.sink == "auto"):
@@ -101,9 +105,9 @@ class LaCachePolicy(CachePolicy):
         layers = text_config(model_config).num_hidden_layers
         try:
             if self.is_fraction or self.sink == "auto":
-                validate(layers, self.span, self.overlap)
+                validate(layers, self.span, self.overlap, layout=self.layout)
             else:
-                validate(layers, self.span, self.overlap, self.budget, self.sink)
+                validate(layers, self.span, self.overlap, self.budget, self.sink, self.layout)
         except LadderConfigError as err:
             raise PolicyConfigError(str(err)) from None
 
@@ -117,13 +121,13 @@ class LaCachePolicy(CachePolicy):
     def make_cache(self, model, prompt_length: int | None = None) -> LadderCache:
         config = text_config(model.config)
         budget = self.resolve_budget(prompt_length, getattr(config, "max_position_embeddings", None))
-        ladder = Ladder(config.num_hidden_layers, self.span, self.overlap)
+        ladder = Ladder(config.num_hidden_layers, self.span, self.overlap, self.layout)
         sink = self.resolve_sink(budget, prompt_length, ladder)
         try:
-            validate(ladder.num_layers, self.span, self.overlap, budget, sink)
+            validate(ladder.num_layers, self.span, self.overlap, budget, sink, self.layout)
         except LadderConfigError as err:
             raise PolicyConfigError(str(err)) from None
         return LadderCache(model, ladder, budget, sink, self.compact_every)
 
     def describe(self) -> dict:
-        return {**super().describe(), "span": self.span, "overlap": self.overlap, "sink": self.sink}
+        return {**super().describe(), "span": self.span, "overlap": self.overlap, "sink": self.sink, "layout": self.layout}

@@ -56,7 +56,7 @@ LEVEL = 0.95
 POLICY_ORDER = ("full", "streamingllm", "h2o", "lacache")
 POLICY_NAMES = {"FullCachePolicy": "full", "StreamingLLMPolicy": "streamingllm", "H2OPolicy": "h2o", "LaCachePolicy": "lacache"}
 TASK_NAMES = {"RulerTask": "ruler", "LongBenchTask": "longbench", "NeedleTask": "niah", "PerplexityTask": "ppl"}
-POLICY_FIELDS = ("budget", "span", "overlap", "sink", "heavy_ratio")
+POLICY_FIELDS = ("budget", "span", "overlap", "sink", "heavy_ratio", "layout")
 RESULTS = ("ruler", "longbench", "ablation", "niah", "ppl", "bench")
 TITLES = {"ruler": "RULER", "longbench": "LongBench", "ablation": "LaCache span × overlap ablation",
           "niah": "Needle in a haystack", "ppl": "Streaming perplexity", "bench": "Speed and memory"}
@@ -602,9 +602,10 @@ ABLATION_GROUPS = (("RULER", lambda t: not _qa(t)), ("QA", _qa))
 
 
 def ablation_section(frame, out: Path) -> Section:
-    """Span x overlap grids of LaCache runs (``paper.experiment=ablation``): retrieval tasks and QA tasks."""
+    """Span x overlap grids of LaCache runs (``paper.experiment=ablation``): retrieval tasks and QA tasks,
+    one grid per ladder layout (``cache.layout``)."""
     blocks: list = []
-    keys = ("budget", "context_length")
+    keys = ("budget", "context_length", "layout")
     for key, rows in _groups(_rows(frame, "ablation"), keys):
         rows = [r for r in rows if r.get("policy") == "lacache"]
         spans = _sorted({_value(r.get("span")) for r in rows} - {None})

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lacache.compat import cache_kwarg
 from lacache.ladder import Ladder, LadderConfigError, LadderState, kept_positions, validate
 from spec_reference import SpecLaCache
 
@@ -129,3 +130,171 @@ def test_ladder_constants_match_spec_examples():
     assert (Ladder(32, 8, 4).block, Ladder(32, 8, 4).kept, Ladder(32, 8, 4).freed) == (7, 2, 5)
     assert (Ladder(32, 9, 3).block, Ladder(32, 9, 3).kept) == (5, 2)
     assert (Ladder(24, 9, 7).block, Ladder(24, 9, 7).kept) == (9, 5)
+
+
+# ---------------------------------------------------------------------------------------------- layout=bands
+# The paper's text: token j of a ladder (block) is kept by the S consecutive layers [j*d, j*d + S), d = S - O,
+# the next token's band shifted by d. Written here from that description, independently of Ladder.offset.
+def _band(L, S, O, layer):
+    """Tokens of a block whose band of S layers reaches ``layer``."""
+    lad = Ladder(L, S, O)
+    return [j for j in range(lad.block) if j * (S - O) <= layer < j * (S - O) + S]
+
+
+def _bands_window(L, S, O, layer):
+    """The a tokens a layer keeps per block: its band, padded with the following tokens (the preceding
+    ones at the block's end) where the band holds fewer than a (docs/LACACHE.md)."""
+    lad = Ladder(L, S, O)
+    start = min(_band(L, S, O, layer)[0], lad.block - lad.kept)
+    return list(range(start, start + lad.kept))
+
+
+def _first_sweep(L, S, O, sink, length, tokens):
+    """What each layer holds after ``tokens`` tokens when the ladders merged so far (all in the first
+    sweep, from the sink on) left ``length`` slots: sink, a window per merged block, then the tail."""
+    lad = Ladder(L, S, O)
+    merged = (tokens - length) // lad.freed
+    return [list(range(sink)) + [sink + m * lad.block + k for m in range(merged) for k in _bands_window(L, S, O, i)]
+            + list(range(sink + merged * lad.block, tokens)) for i in range(L)]
+
+
+BANDS_CONFIGS = [(8, 4, 0), (8, 4, 2), (8, 4, 1), (8, 3, 1), (8, 2, 0), (30, 16, 0), (30, 8, 4), (32, 9, 3), (24, 9, 7)]
+
+
+@pytest.mark.parametrize("L, S, O", BANDS_CONFIGS + [c[:3] for c in _random_valid_configs(30, seed=4)])
+def test_bands_keep_every_token_in_its_band_of_span_layers(L, S, O):
+    lad = Ladder(L, S, O, "bands")
+    windows = [list(range(lad.offset(i), lad.offset(i) + lad.kept)) for i in range(L)]
+    for layer, window in enumerate(windows):
+        assert window == _bands_window(L, S, O, layer)
+        assert set(_band(L, S, O, layer)) <= set(window) and window[-1] < lad.block
+    for j in range(lad.block):  # each token: kept by one run of consecutive layers covering its band
+        layers = [i for i, window in enumerate(windows) if j in window]
+        assert layers == list(range(layers[0], layers[-1] + 1))
+        assert set(range(j * (S - O), min(j * (S - O) + S, L))) <= set(layers)
+
+
+def test_bands_hand_checked_positions():
+    # L=8 S=4 O=0: d=4, b=2, a=1; token 0 of a block -> layers 0-3, token 1 -> layers 4-7. C=32, s=4, r=1.
+    # t=33 (33 slots > 32): cursor 4 merges slots 4,5 = tokens 4,5; layers 0-3 keep 4, layers 4-7 keep 5.
+    # t=34: cursor 5 merges slots 5,6 = tokens 6,7 in every layer; layers 0-3 keep 6, layers 4-7 keep 7.
+    # So layers 0-3 hold 0 1 2 3 4 6 | 8..33 and layers 4-7 hold 0 1 2 3 5 7 | 8..33.
+    held = kept_positions(8, 4, 0, 32, 4, 34, layout="bands")
+    assert held[:4] == [[0, 1, 2, 3, 4, 6] + list(range(8, 34))] * 4
+    assert held[4:] == [[0, 1, 2, 3, 5] + list(range(7, 34))] * 4
+    # reference layout, same ladder: even layers keep the first token of each pair, odd layers the second
+    assert kept_positions(8, 4, 0, 32, 4, 34)[:2] == [held[0], held[4]]
+    # L=8 S=4 O=2: d=2, b=3, a=2; bands 0-3, 2-5, 4-7. Layers 0,1 hold token 0 only -> padded with token 1;
+    # layers 6,7 hold token 2 only -> padded with token 1. So layers 0-3 keep tokens {0,1}, layers 4-7 {1,2}.
+    # t=33: block = tokens 4,5,6: layers 0-3 keep 4,5 (drop 6), layers 4-7 keep 5,6 (drop 4).
+    held = kept_positions(8, 4, 2, 32, 4, 33, layout="bands")
+    assert held[:4] == [[0, 1, 2, 3, 4, 5] + list(range(7, 33))] * 4
+    assert held[4:] == [[0, 1, 2, 3] + list(range(5, 33))] * 4
+
+
+@pytest.mark.parametrize("config", _random_valid_configs(20, seed=5))
+def test_layouts_hold_the_same_caches_in_other_layers_at_equal_lengths(config):
+    """Only the layer -> offset assignment differs: bands layer i holds what reference layer offset_i
+    (< P, so offset_i mod P = offset_i) holds, cursor and lengths are shared, every layer has one length."""
+    L, S, O, C, s = config
+    bands_ladder = Ladder(L, S, O, "bands")
+    for tokens in (C + 1, 2 * C + 3, 3 * C + 7):
+        bands = kept_positions(L, S, O, C, s, tokens, layout="bands")
+        reference = kept_positions(L, S, O, C, s, tokens)
+        assert len({len(layer) for layer in bands}) == 1 and len(bands[0]) == len(reference[0])
+        assert [reference[bands_ladder.offset(i)] for i in range(L)] == bands
+        lad = Ladder(L, S, O)
+        if (tokens - len(bands[0])) // lad.freed <= (C + lad.freed // 2 - s - L) // lad.kept:  # no wrap yet
+            assert bands == _first_sweep(L, S, O, s, len(bands[0]), tokens)
+
+
+@pytest.mark.parametrize("L", [4, 8, 30])
+def test_layouts_agree_when_every_layer_is_its_own_band(L):
+    """S=1, O=0: each token of a block is kept by one layer (b = L, a = 1), in both layouts."""
+    assert [Ladder(L, 1, 0, "bands").offset(i) for i in range(L)] == list(range(L))
+    assert kept_positions(L, 1, 0, 3 * L, 4, 7 * L, layout="bands") == kept_positions(L, 1, 0, 3 * L, 4, 7 * L)
+
+
+def test_layouts_differ_for_the_default_ladder():
+    """L=32 S=16 O=0: reference = even/odd layers; bands = layers 0-15 and 16-31 (the paper's picture)."""
+    bands, reference = (kept_positions(32, 16, 0, 256, 4, 700, layout=x) for x in ("bands", "reference"))
+    assert bands[0] != bands[16] and all(bands[i] == bands[0] for i in range(16)) and all(bands[i] == bands[16] for i in range(16, 32))
+    assert reference[0] != reference[1] and all(reference[i] == reference[i % 2] for i in range(32))
+    assert bands[1] != reference[1] and bands[16] == reference[1]
+
+
+def test_layout_is_validated_and_recorded():
+    from lacache.ladder_cache import LaCachePolicy
+    from lacache.policy import PolicyConfigError
+
+    with pytest.raises(PolicyConfigError, match=r"layout='paper' is not one of \('reference', 'bands'\)"):
+        LaCachePolicy(layout="paper")
+    with pytest.raises(LadderConfigError, match="layout='paper'"):
+        validate(8, 4, 0, layout="paper")
+    assert LaCachePolicy(layout="bands").describe()["layout"] == "bands"
+    assert LaCachePolicy().describe()["layout"] == "reference"
+
+
+@pytest.mark.parametrize("span, overlap, budget, sink", [(4, 2, 32, 4), (3, 1, 30, 2), (2, 0, 24, 4)])
+def test_bands_cache_keeps_the_predicted_positions(span, overlap, budget, sink):
+    """A tiny 8-layer model: decode-by-decode from empty, and one bulk prefill then decode."""
+    import torch
+
+    from conftest import stream, tiny_llama
+    from lacache.ladder_cache import LaCachePolicy
+
+    model = tiny_llama(layers=8)
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(6))
+    policy = LaCachePolicy(budget=budget, span=span, overlap=overlap, sink=sink, layout="bands")
+    lad = Ladder(8, span, overlap, "bands")
+    cache, fed = policy.make_cache(model), 0
+    for tokens in (budget + 5, 120):  # the first in the first sweep, the second after wraps
+        stream(model, cache, ids[:, fed:tokens])
+        fed = tokens
+        held = cache.kept_positions()[:, 0, 0].tolist()
+        assert held == kept_positions(8, span, overlap, budget, sink, tokens, layout="bands")
+        if tokens == budget + 5:
+            assert held == _first_sweep(8, span, overlap, sink, len(held[0]), tokens)
+    for prompt in (budget + 6, 100):  # bulk: prefill the prompt, one compaction (one sweep; several), then decode
+        cache = policy.make_cache(model, prompt_length=prompt)
+        with torch.inference_mode():
+            model(ids[:, :prompt], **cache_kwarg(model, cache))
+        if prompt == budget + 6:
+            held = cache.kept_positions()[:, 0, 0].tolist()
+            assert held == _first_sweep(8, span, overlap, sink, len(held[0]), prompt)
+        stream(model, cache, ids[:, prompt : prompt + 3])
+        state = LadderState(lad, budget, sink)
+        expected = _bulk(state, 8, [list(range(prompt)) for _ in range(8)])
+        for t in range(prompt, prompt + 3):
+            expected = _bulk(state, 8, [layer + [t] for layer in expected])
+        assert cache.kept_positions()[:, 0, 0].tolist() == expected
+
+
+def test_fast_decode_keeps_the_bands_positions_and_logits():
+    """decode=fast takes per-layer offsets from ring_rule(): bands need no other change there."""
+    import torch
+
+    from conftest import tiny_llama
+    from test_fast_decode import exact_and_fast
+
+    from lacache.ladder_cache import LaCachePolicy
+
+    model = tiny_llama(layers=8)
+    ids = torch.randint(0, 128, (1, 140), generator=torch.Generator().manual_seed(7))
+    make = lambda: LaCachePolicy(budget=32, span=4, overlap=2, sink=4, layout="bands")  # noqa: E731
+    exact, decoder, want, got = exact_and_fast(model, make, ids, prompt=40)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    assert decoder.ring.wraps >= 2
+    held = decoder.ring.kept_positions()
+    assert torch.equal(held, exact.kept_positions()[:, 0, 0])
+    assert torch.equal(held[0], held[3]) and not torch.equal(held[3], held[4]) and torch.equal(held[4], held[7])  # bands 0-3, 4-7
+
+
+def test_ladder_plot_draws_the_bands_layout(tmp_path):
+    from lacache.ladder_plot import main
+
+    main(["--layers", "8", "--span", "4", "--overlap", "2", "--budget", "32", "--tokens", "80", "--layout", "bands",
+          "--out", str(tmp_path / "bands.png")])
+    assert (tmp_path / "bands.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        main(["--layout", "paper"])

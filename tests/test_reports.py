@@ -222,7 +222,7 @@ def test_experiment_and_its_smoke_variant_compose(name):
         if name == "paper_ablation":  # grids may hold impossible ladders (recorded as skipped), but few
             assert len(skipped) <= len(points) // 2, (variant, skipped)
             if variant.endswith("_smoke"):
-                assert [p for p, _ in skipped] == [["cache.span=4", "cache.overlap=4"]]
+                assert [p for p, _ in skipped] == [["cache.span=4", "cache.overlap=4", "cache.layout=reference"]]
         else:
             assert not skipped, (variant, skipped)
 
