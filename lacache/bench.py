@@ -8,9 +8,16 @@ same defaults as ``run.py``), with ``--budgets``/``--span``/... overriding.
 
 Decode paths: ``eager`` runs the model's forward per token on the exact caches (every policy);
 ``graph`` runs :mod:`lacache.fast_decode` (full, StreamingLLM, LaCache), CUDA-graph captured on
-a GPU; ``fused`` is ``graph`` with the step's elementwise chains fused by ``torch.compile``. Compaction time: ``eager`` wraps the cache's plan/apply in device syncs (a separate pass,
-so the decode timing stays unsynchronised); ``graph`` times the compaction replays with CUDA
-events inside the measured loop.
+a GPU; ``fused`` is ``graph`` with fused projections and elementwise chains
+(:class:`lacache.fast_decode.FusedStep`); ``hf-static`` (full cache only) is the anchor:
+transformers' own ``generate`` with a ``StaticCache`` and its automatic ``torch.compile``, same
+model, prompt and steps. Compaction time: ``eager`` wraps the cache's plan/apply in device syncs (a
+separate pass, so the decode timing stays unsynchronised); ``graph`` times the compaction replays
+with CUDA events inside the measured loop.
+
+The weight-streaming bound is measured in the same process: the bytes of the model's weights over
+the device's copy bandwidth (a large device-to-device copy, bytes read + written); a batch-1 decode
+step reads every weight once, so no decoder beats it. Each row prints its ratio to the bound.
 
     python -m lacache.bench --model smollm2-135m --contexts 1024 4096 --budgets 256 1024
     python -m lacache.bench --model llama3-8b-shape --device cuda --dtype bfloat16 --contexts 2048 32768 \\
@@ -38,7 +45,7 @@ SHAPES = {  # random-weight models: no download needed
     "tiny-shape": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=65536),
 }
-DECODE_PATHS = ("eager", "graph", "fused")
+DECODE_PATHS = ("eager", "graph", "fused", "hf-static")
 GRAPH_POLICIES = ("full", "streamingllm", "lacache")
 
 
@@ -174,6 +181,63 @@ def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False,
     return out
 
 
+def measure_hf_static(model, prompt, steps: int, device) -> dict:
+    """transformers' ``generate`` with a ``StaticCache`` (and the automatic compilation ``generate``
+    applies to a static cache on a GPU): decode ms/token = (time of ``steps + 1`` new tokens - time
+    of 1) / ``steps``, both with the same cache size so that nothing recompiles, after two warm-ups."""
+    import inspect
+
+    from transformers import StaticCache
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    size = prompt.shape[1] + steps + 1
+
+    def run(new: int) -> float:
+        cache = StaticCache(config=model.config, max_cache_len=size)
+        sync(device)
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=0, **{name: cache})
+        sync(device)
+        return time.perf_counter() - start
+
+    reset_device_peak(device)
+    for _ in range(2):
+        run(steps + 1)
+    long, short = run(steps + 1), run(1)
+    ms = 1000 * (long - short) / steps
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * prompt.shape[0] * size * config.num_key_value_heads * head_dim * \
+        next(model.parameters()).element_size()  # the StaticCache's keys and values
+    return {"prefill_tokens_per_s": prompt.numel() / short, "decode_ms_per_token": ms, "decode_ms_per_token_mean": ms,
+            "prefill_peak_device_bytes": device_peak_bytes(device), "kv_bytes_max": kv, "kv_bytes_decode": kv, "kv_entries_per_layer_max": size}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters (each tensor once: tied weights count once)."""
+    seen = {}
+    for p in model.parameters():
+        seen[p.data_ptr()] = p.numel() * p.element_size()
+    return sum(seen.values())
+
+
+def copy_bandwidth(device, size: int = 2**30, repeats: int = 20) -> float:
+    """Device memory bandwidth in bytes/s: the median of ``repeats`` copies of ``size`` bytes, counting
+    bytes read plus bytes written."""
+    source = torch.empty(size // 4, dtype=torch.float32, device=device).uniform_()
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(repeats + 3):
+        sync(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    del source, target
+    return 2 * size / statistics.median(times[3:])
+
+
 def print_profile(step, device, steps: int = 8) -> None:
     """The device kernels that take the time of a few decode steps (``--profile``)."""
     from torch.profiler import ProfilerActivity, profile
@@ -221,9 +285,14 @@ def main(argv=None) -> None:
     model = load_model(args)
     env = records.environment()
     vocab = model.config.vocab_size
+    weights, bandwidth = weight_bytes(model), copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)
+    bound_ms = 1000 * weights / bandwidth
+    print(f"[lacache] weight-streaming bound: {weights / 1e9:.2f} GB of weights / {bandwidth / 1e9:.0f} GB/s copy bandwidth "
+          f"= {bound_ms:.2f} ms/token", flush=True)
     written = []
-    print(f"{'policy':>18} {'budget':>6} {'context':>7} {'batch':>5} {'decode':>6} {'prefill tok/s':>13} {'ms/token':>9} "
-          f"{'compact ms':>10} {'KV MiB':>8} {'peak GiB':>8}", flush=True)
+    print(f"{'policy':>18} {'budget':>6} {'context':>7} {'batch':>5} {'decode':>9} {'prefill tok/s':>13} {'ms/token':>9} "
+          f"{'x bound':>7} {'compact ms':>10} {'KV MiB':>8} {'peak GiB':>8}", flush=True)
+
     for context in args.contexts:
         for batch in args.batch:
             prompt = torch.randint(0, vocab, (batch, context), device=device, generator=torch.Generator(device).manual_seed(0))
@@ -232,7 +301,7 @@ def main(argv=None) -> None:
                     if name == "full" and budget != args.budgets[0]:
                         continue  # the full cache has no budget: measure it once per context
                     for path in args.decode:
-                        if path != "eager" and name not in GRAPH_POLICIES:
+                        if (path != "eager" and name not in GRAPH_POLICIES) or (path == "hf-static" and name != "full"):
                             continue
                         release(device)
                         policy = make_policy(name, budget, args)
@@ -240,11 +309,15 @@ def main(argv=None) -> None:
                         with torch.inference_mode():
                             if path == "eager":
                                 result = measure_eager(model, policy, prompt, args.steps, device)
+                            elif path == "hf-static":
+                                result = measure_hf_static(model, prompt, args.steps, device)
                             else:
                                 result = measure_graph(model, policy, prompt, args.steps, device, fuse=path == "fused",
                                                        profile=args.profile)
                         result["peak_rss_bytes"] = peak_rss_bytes()
                         result["peak_device_bytes"] = device_peak_bytes(device)
+                        result.update(weight_bytes=weights, copy_bytes_per_s=bandwidth, bound_ms_per_token=bound_ms,
+                                      bound_ratio=result["decode_ms_per_token"] / bound_ms)
                         ids = {"model": args.model, **policy.describe(), "task": "bench", "context": context, "batch": batch,
                                "decode": path, "prefill": args.prefill, "dtype": args.dtype,
                                "device": env["cuda_device"] if device.type == "cuda" else env["platform"]}
@@ -256,8 +329,8 @@ def main(argv=None) -> None:
                         written.append(key)
                         compact = result.get("compaction_ms_per_step")
                         peak = result["peak_device_bytes"]
-                        print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>6} "
-                              f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} "
+                        print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>9} "
+                              f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} {result['bound_ratio']:>7.2f} "
                               f"{'-' if compact is None else f'{compact:.3f}':>10} {result['kv_bytes_max'] / 2**20:>8.1f} "
                               f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8}", flush=True)
 

@@ -38,6 +38,7 @@ import types
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lacache.compat import cache_kwarg
 from lacache.kvcache import CompactingCache, RotaryTable, rotary_embedding_of, rotate
 
 ATTENTION_NAME = "lacache_ring"
@@ -104,22 +105,28 @@ def _silu_mul(gate, up):
 
 
 class Kernels:
-    """The decode step's elementwise chains, plain or fused with ``torch.compile`` (``fuse=True``).
+    """The decode step's kernels: plain, or fused (``fuse=True``).
 
-    In a CUDA graph every small kernel still costs a few microseconds, and a Llama step has many of
-    them besides its matrix products (RMSNorm alone is ~7 kernels, twice per layer). Fused, the RMSNorms, the gated-MLP activation,
-    the rotary embedding and the ring attention's score math become a few kernels each. The fused
-    versions are installed only around the decode step's forward; other callers of the model see
-    the stock modules.
+    In a CUDA graph every small kernel still costs a few microseconds, and a stock Llama step has
+    ~20 per layer besides its matrix products (RMSNorm alone is ~7, twice per layer). Fused, a
+    Llama-family model (:func:`fusable`) decodes through :class:`FusedStep`: q/k/v and gate/up
+    weights as single matrix products and the elementwise chains as one kernel each. Other models
+    keep their modules, with their RMSNorms, gated-MLP activation and rotary embedding swapped for
+    compiled versions around the decode step only. ``compile``: fuse the elementwise chains with
+    ``torch.compile`` (default: on CUDA); uncompiled, the fused step runs the same arithmetic eagerly.
     """
 
-    def __init__(self, model, fuse: bool):
-        compile_ = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if fuse else (lambda fn: fn)
+    def __init__(self, model, fuse: bool, compile: bool = True):
+        compile_ = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if fuse and compile else (lambda fn: fn)
         self.scores, self.rotate, self.claim = compile_(ring_scores), compile_(rotate), compile_(claim_slot)
         self.patches: list[tuple] = []
+        self.step: FusedStep | None = None
         if not fuse:
             return
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        if fusable(model) is None:
+            self.step = FusedStep(model, compile_)
+            return
         rms, silu_mul = compile_(_rms_norm), compile_(_silu_mul)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         for module in model.modules():
@@ -147,6 +154,128 @@ class Kernels:
                     setattr(target, name, value)
 
 
+FUSABLE_TYPES = ("llama", "mistral", "qwen2")  # pre-norm RMSNorm decoders with q/k/v/o and a SiLU-gated MLP
+
+
+def fusable(model) -> str | None:
+    """Why :class:`FusedStep` cannot run ``model``'s decode step (``None``: it can)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if config.model_type not in FUSABLE_TYPES:
+        return f"model_type {config.model_type!r} is not one of {FUSABLE_TYPES}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not 'silu'"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(model, "lm_head"):
+        return "not a <Model>ForCausalLM with model.embed_tokens/layers/norm/rotary_emb and lm_head"
+    weights = {p.device for p in model.parameters()} | {p.dtype for p in model.parameters()}
+    if len(weights) != 2:
+        return "its weights are spread over several devices or dtypes"
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+                  [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        if not all(type(m) is torch.nn.Linear for m in linears):
+            return "a projection is not a plain nn.Linear (quantized or adapted?)"
+        if any(m.bias is not None for m in linears[3:]):
+            return "o_proj or the MLP has a bias"
+        if set(dict(attn.named_children())) != {"q_proj", "k_proj", "v_proj", "o_proj"}:
+            return f"{type(attn).__name__} has other parts than q/k/v/o_proj (e.g. q/k norms)"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm, inner.norm):
+            if not (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")):
+                return f"{type(norm).__name__} is not a Llama-style RMSNorm"
+    return None
+
+
+def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) whose row blocks *are* the given layers' weights: the layers' parameters
+    become views of it, so the model holds no second copy and its own forward is unchanged. Idempotent."""
+    weight = _stack_in_place([m.weight for m in linears])
+    return weight, (_stack_in_place([m.bias for m in linears]) if linears[0].bias is not None else None)
+
+
+def _stack_in_place(params) -> torch.Tensor:
+    rows = sum(p.shape[0] for p in params)
+    offset, stacked = params[0].data_ptr(), True
+    for p in params:
+        stacked &= p.is_contiguous() and p.data_ptr() == offset
+        offset += p.numel() * p.element_size()
+    if not stacked:
+        with torch.no_grad(), torch.inference_mode(False):
+            whole = torch.cat([p.data for p in params])
+            for p, part in zip(params, whole.split([p.shape[0] for p in params])):
+                p.data = part
+    first = params[0].data
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def _add_rms_norm(delta, residual, weight, eps: float):
+    """``residual + delta`` (the decoder's skip connection) and its RMSNorm, in one kernel."""
+    total = residual + delta
+    return _rms_norm(total, weight, eps), total
+
+
+def _rope_split(qkv, cos, sin, heads: int, kv_heads: int, raw: bool):
+    """Split a fused q/k/v projection into heads, rotate q and k (``[B, 1, D]`` cos/sin, rotate_half
+    convention); return the query ``[B, H, 1, D]`` and the new cache entries ``[2|3, B, H_kv, 1, D]``
+    (rotated key, raw key if ``raw``, value): what the stock attention computes, in one kernel."""
+    batch = qkv.shape[0]
+    dim = qkv.shape[-1] // (heads + 2 * kv_heads)
+    q, k, v = qkv.view(batch, heads + 2 * kv_heads, dim).split((heads, kv_heads, kv_heads), dim=1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    k = k[:, :, None]
+    entries = (rotate(k, cos, sin), k, v[:, :, None]) if raw else (rotate(k, cos, sin), v[:, :, None])
+    return rotate(q[:, :, None], cos, sin), torch.stack(entries)
+
+
+def _silu_mul_split(gate_up):
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+class FusedStep:
+    """The decode step of a Llama-family model (:func:`fusable`) on a :class:`RingCache`, written out
+    as gpt-fast-style decoders do: per layer one RMSNorm (with the previous skip connection added),
+    one q/k/v product, one kernel for head split + rotary + the new key's raw copy, one cache
+    write, the ring attention, the output product, RMSNorm, one gate/up product, SiLU x up, the down
+    product. The weights are the model's own (:func:`fuse_linears` makes its q/k/v and gate/up
+    parameters views of one tensor each); logits equal the stock forward's up to rounding."""
+
+    def __init__(self, model, compile_):
+        inner = model.model
+        self.model, self.inner = model, inner
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv, qkv_bias = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up, _ = fuse_linears([mlp.gate_proj, mlp.up_proj])
+            self.layers.append((layer.input_layernorm, qkv, qkv_bias, attn.o_proj.weight, float(attn.scaling),
+                                layer.post_attention_layernorm, gate_up, mlp.down_proj.weight))
+        self.norm, self.add_norm = compile_(_rms_norm), compile_(_add_rms_norm)
+        self.rope, self.silu_mul = compile_(_rope_split), compile_(_silu_mul_split)
+
+    def __call__(self, ring: RingCache, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        linear = torch.nn.functional.linear
+        kernels, raw = ring.kernels, ring.raw is not None
+        h = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(h, position_ids)
+        residual = None
+        for i, (norm1, qkv, qkv_bias, wo, scaling, norm2, gate_up, down) in enumerate(self.layers):
+            if residual is None:
+                x, residual = self.norm(h, norm1.weight, norm1.variance_epsilon), h
+            else:
+                x, residual = self.add_norm(h, residual, norm1.weight, norm1.variance_epsilon)
+            query, entries = self.rope(linear(x, qkv, qkv_bias), cos, sin, self.heads, self.kv_heads, raw)
+            ring.kv[:, i].index_copy_(3, ring.slot[i : i + 1], entries)
+            out = kernels.scores(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i], ring.shift_cos,
+                                 ring.shift_sin, scaling)
+            x, residual = self.add_norm(linear(out.flatten(2), wo), residual, norm2.weight, norm2.variance_epsilon)
+            h = linear(self.silu_mul(linear(x, gate_up)), down)
+        x, _ = self.add_norm(h, residual, self.inner.norm.weight, self.inner.norm.variance_epsilon)
+        return self.model.lm_head(x)[:, -1]
+
+
 _MISSING = object()
 
 
@@ -154,16 +283,6 @@ def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, ring_attention)
-
-
-def _resized(buffer: torch.Tensor, held: int, capacity: int) -> torch.Tensor:
-    """A fresh buffer of ``capacity`` slots (dim 3, or 1 for ``[L, slots]``) holding the first ``held``."""
-    dim = 3 if buffer.dim() >= 4 else 1
-    shape = list(buffer.shape)
-    shape[dim] = capacity
-    out = buffer.new_zeros(shape)
-    out.narrow(dim, 0, held).copy_(buffer.narrow(dim, 0, held))
-    return out
 
 
 class RingCache(Cache):
@@ -175,29 +294,33 @@ class RingCache(Cache):
         super().__init__(layers=[DynamicLayer() for _ in range(self.num_layers)])
         self.rule = None
         if isinstance(source, CompactingCache):
+            source._settle()
             if source.pending is not None:
                 source._apply(source.pending)
                 source.pending = None
             self.rule = source.ring_rule()
             if self.rule is None:
                 raise ValueError(f"{type(source).__name__} has no fast decode path (only exact decode)")
-            n = source.length
-            keys, raw, values = source.keys, source.raw_keys, source.values
-            origin = source.positions[:, 0, 0].clone()
-            cursor = self.rule.cursor
+            n, cursor = source.length, self.rule.cursor
             capacity = -(-(self.rule.max_length + slack) // SPLIT) * SPLIT
-            keys, raw, values, origin = (_resized(b, n, capacity) for b in (keys, raw, values, origin))
+            keys = torch.stack([source.rotated_keys(layer) for layer in range(source.num_layers)])
+            held = (keys, source.raw_keys[:, :, :, :n], source.values[:, :, :, :n])
+            origin = source.positions[:, 0, 0, :n].long()
+            self.rope = source.rope
         else:  # a DynamicCache holding every token at its own position: no compaction, no raw keys
-            n = source.get_seq_length()
-            stacked = [(layer.keys, layer.values) for layer in source.layers]
+            n, cursor = source.get_seq_length(), 0
             capacity = -(-(n + room + slack) // SPLIT) * SPLIT  # room: the tokens this cache will be asked to decode
-            keys = stacked[0][0].new_zeros((self.num_layers, *stacked[0][0].shape[:2], capacity, stacked[0][0].shape[-1]))
-            values = keys.new_zeros(keys.shape[:-1] + (stacked[0][1].shape[-1],))  # zeros: free slots must not hold NaN
-            for i, (k, v) in enumerate(stacked):
-                keys[i, :, :, :n], values[i, :, :, :n] = k, v
-            raw = None
-            origin = torch.arange(capacity, device=keys.device).expand(self.num_layers, capacity).clone()
-            cursor = 0
+            held = (torch.stack([layer.keys for layer in source.layers]), torch.stack([layer.values for layer in source.layers]))
+            origin = torch.arange(n, device=held[0].device).expand(self.num_layers, n)
+            self.rope = RotaryTable(rotary_embedding_of(model), held[0].device, held[0].dtype)
+        # one buffer [keys, raw keys, values] (no raw keys for a full cache): the fused step writes a new token's
+        # entries with one copy; zeros: free slots must not hold NaN
+        self.kv = held[0].new_zeros((len(held), *held[0].shape[:3], capacity, held[0].shape[-1]))
+        for part, tensor in zip(self.kv, held):
+            part[:, :, :, :n].copy_(tensor)
+        keys, values = self.kv[0], self.kv[-1]
+        raw = self.kv[1] if len(held) == 3 else None
+        origin = torch.cat((origin, torch.arange(n, capacity, device=origin.device).expand(self.num_layers, -1)), dim=1)
         self.keys, self.raw, self.values, self.origin = keys, raw, values, origin
         self.capacity = keys.shape[3]
         self.rebase_every = rebase_every
@@ -211,13 +334,12 @@ class RingCache(Cache):
         self.n, self.T, self.cursor, self.seen = scalar(n), scalar(n), scalar(cursor), scalar(int(origin[0, :n].max()) + 1 if n else 0)
         self.slot = torch.zeros(L, dtype=torch.long, device=device)  # physical slot of this step's token
         self.host_n, self.host_T, self.host_cursor = n, n, cursor
-        self.rope = source.rope if isinstance(source, CompactingCache) else RotaryTable(rotary_embedding_of(model), device, keys.dtype)
         self.rope._ensure(cap + rebase_every + 2)
         inv_freq = rotary_embedding_of(model).inv_freq.float().to(device)
         self.inv_freq = torch.cat((inv_freq, inv_freq))
         self.unrotate_cos = self.unrotate_sin = self.shift_cos = self.shift_sin = None
         self.compactions = self.wraps = 0
-        self.kernels = Kernels(model, fuse)
+        self.kernels = Kernels(model, fuse, compile=device.type == "cuda")
         self.offsets = torch.tensor(self.rule.offsets if self.rule else [0] * L, device=device)  # per layer, for merges
 
     # ------------------------------------------------------------------ per step, on the device
@@ -360,14 +482,17 @@ class GraphDecoder:
         """One decode step. The attention implementation (and any fused kernels) are switched only for
         this call, so exact-path caches can keep using the same model object."""
         self.ring.begin_step(self.position_ids)
-        config = self.model.config
-        usual, config._attn_implementation = config._attn_implementation, ATTENTION_NAME
-        try:
-            with self.ring.kernels.installed():
-                logits = self.model(input_ids=self.ids, position_ids=self.position_ids, past_key_values=self.ring,
-                                    use_cache=True).logits[:, -1]
-        finally:
-            config._attn_implementation = usual
+        if self.ring.kernels.step is not None:
+            logits = self.ring.kernels.step(self.ring, self.ids, self.position_ids)
+        else:
+            config = self.model.config
+            usual, config._attn_implementation = config._attn_implementation, ATTENTION_NAME
+            try:
+                with self.ring.kernels.installed():
+                    logits = self.model(input_ids=self.ids, position_ids=self.position_ids, **cache_kwarg(self.model, self.ring),
+                                        use_cache=True).logits[:, -1]
+            finally:
+                config._attn_implementation = usual
         self.ids.copy_(logits.argmax(dim=-1, keepdim=True))
         self.ring.end_step()
         return logits

@@ -7,7 +7,10 @@ dequantizes it on load (~12-30 s), so the first load saves a safetensors copy in
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -20,6 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DEVICES = ("cpu", "cuda", "auto")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
+SOURCES = ("hub", "package", "random")
 
 
 class ModelUnavailableError(RuntimeError):
@@ -28,8 +32,10 @@ class ModelUnavailableError(RuntimeError):
 
 @dataclass
 class ModelSpec:
-    """``configs/model/<name>.yaml``. ``source``: ``hub`` (an id or a local directory) or ``package``
-    (a GGUF file inside an installed Python package). ``device_map``: null (the model goes to
+    """``configs/model/<name>.yaml``. ``source``: ``hub`` (an id or a local directory), ``package``
+    (a GGUF file inside an installed Python package) or ``random`` (the architecture of ``config``,
+    e.g. Llama-3-8B's shape, with random weights and the tokenizer of ``tokenizer``, a local
+    directory or hub id: true speed and memory without a download; answers are noise). ``device_map``: null (the model goes to
     ``device``), ``auto``/``balanced``/``balanced_low_0``/``sequential`` or a ``{module: device}``
     mapping, passed to ``from_pretrained`` (accelerate) to spread a model over several GPUs;
     ``device=auto`` is short for ``device_map=auto``."""
@@ -44,10 +50,15 @@ class ModelSpec:
     attn_implementation: str = "sdpa"
     max_length: int | None = None  # overrides the config's max_position_embeddings for budgets/truncation
     device_map: str | dict | None = None
+    config: dict | None = None  # source=random: transformers config fields (``model_type`` first)
+    tokenizer: str | None = None  # source=random: where the tokenizer comes from
 
     def __post_init__(self) -> None:
-        if self.source not in ("hub", "package"):
-            raise ValueError(f"model.source={self.source!r} is not one of ('hub', 'package')")
+        if self.source not in SOURCES:
+            raise ValueError(f"model.source={self.source!r} is not one of {SOURCES}")
+        if self.source == "random" and not (self.config and self.config.get("model_type") and self.tokenizer):
+            raise ValueError(f"model {self.name!r}: source=random needs `config` (with a model_type) and `tokenizer` "
+                             "(a local directory or hub id of a tokenizer)")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype={self.dtype!r} is not one of {tuple(DTYPES)}")
         if self.device not in DEVICES:
@@ -137,6 +148,9 @@ def load_config(spec: ModelSpec):
     """The model's config only (fast): lets policies and tasks validate before weights load."""
     from transformers import AutoConfig
 
+    if spec.source == "random":
+        fields = dict(spec.config)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
     if spec.source == "package":
         converted = _converted_dir(spec)
         if (converted / "config.json").exists():
@@ -154,10 +168,35 @@ def max_length(spec: ModelSpec, config) -> int | None:
     return spec.max_length or getattr(text_config(config), "max_position_embeddings", None)
 
 
-def load(spec: ModelSpec):
-    """Return ``(model, tokenizer)`` in eval mode, on the configured device and dtype."""
+_LOADED: dict[str, tuple] = {}  # the last model loaded with reuse=True, by its spec
+
+
+def load(spec: ModelSpec, reuse: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode, on the configured device and dtype.
+
+    ``reuse=True`` (the points of a sweep that run in one process): the same spec returns the model
+    loaded last instead of loading it again; another spec first frees it, so one model is held."""
+    key = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    if reuse and key in _LOADED:
+        model, tokenizer = _LOADED[key]
+        model.config._attn_implementation = spec.attn_implementation  # as loaded, whatever a point switched
+        return model, tokenizer
+    if _LOADED:
+        _LOADED.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    loaded = _load(spec)
+    if reuse:
+        _LOADED[key] = loaded
+    return loaded
+
+
+def _load(spec: ModelSpec):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if spec.source == "random":
+        return _random(spec)
     location = _location(spec)
     kwargs = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation}
     device_map = spec.device_map if spec.device_map is not None else ("auto" if spec.device == "auto" else None)
@@ -178,6 +217,23 @@ def load(spec: ModelSpec):
         model = model.to("cuda")
     model.eval()
     return model, tokenizer
+
+
+def _random(spec: ModelSpec):
+    """A model of ``spec.config``'s architecture with random weights (seed 0: a function of the spec)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError("model.device=cuda but no CUDA device is available; use model.device=cpu")
+    config = load_config(spec)
+    config._attn_implementation = spec.attn_implementation
+    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(spec.tokenizer))
+    device = "cuda" if spec.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if spec.dtype == "auto" else DTYPES[spec.dtype]
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []), torch.device(device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), tokenizer
 
 
 def input_device(model) -> torch.device:

@@ -134,7 +134,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         started = time.perf_counter()
-        model, tokenizer = models.load(spec)
+        model, tokenizer = models.load(spec, reuse=in_sweep())  # a sweep's points in one process share one load
         load_s = time.perf_counter() - started
         policy.prepare_model(model)
         ctx = RunContext(model, tokenizer, policy, model_config, max_length, seed=cfg.seed, progress=cfg.progress)

@@ -8,11 +8,12 @@ GPU machine: ``pytest -m cuda``; it is skipped without CUDA).
 import pytest
 import torch
 
+from lacache.compat import cache_kwarg
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.lacache_reference import ReferenceLaCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from conftest import stream, tiny_llama
-from lacache.fast_decode import GraphDecoder
+from lacache.fast_decode import GraphDecoder, fusable
 from lacache.ladder import kept_positions
 from lacache.ladder_cache import LaCachePolicy
 
@@ -31,14 +32,14 @@ def exact_and_fast(model, make_policy, ids, prompt, rebase_every=50, graphs=None
     exact_logits, fast_logits = [], []
     with torch.inference_mode():
         exact = make_policy().make_cache(model, prompt_length=prompt)
-        model(ids[:, :prompt], past_key_values=exact)
+        model(ids[:, :prompt], **cache_kwarg(model, exact))
         source = make_policy().make_cache(model, prompt_length=prompt)
-        model(ids[:, :prompt], past_key_values=source)
+        model(ids[:, :prompt], **cache_kwarg(model, source))
         decoder = GraphDecoder(model, source, ids[:, prompt : prompt + 1], max_new_tokens=ids.shape[1], graphs=graphs,
                                rebase_every=rebase_every, fuse=fuse)
         try:
             for t in range(prompt, ids.shape[1]):
-                exact_logits.append(model(ids[:, t : t + 1], past_key_values=exact).logits[:, -1].float())
+                exact_logits.append(model(ids[:, t : t + 1], **cache_kwarg(model, exact)).logits[:, -1].float())
                 decoder.ids.copy_(ids[:, t : t + 1])
                 fast_logits.append(decoder.step().float().clone())
             decoder.settle()
@@ -60,13 +61,47 @@ def test_fast_path_logits_and_positions_equal_the_exact_cache(name):
         assert torch.equal(decoder.ring.kept_positions(), exact.kept_positions()[:, 0, 0])
 
 
+def tiny_qwen2(layers=8):
+    """A random Qwen2 (q/k/v biases, made non-zero so that the fused bias is exercised)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("name", ["lacache S4 O2", "streamingllm", "full", "lacache S4 O2 qwen2"])
+def test_fused_step_equals_the_exact_cache(name):
+    """The fused decode step (one q/k/v and one gate/up product per layer, run uncompiled on the CPU)
+    gives the stock forward's logits; the model's own weights become views of the fused ones."""
+    model = tiny_qwen2() if name.endswith("qwen2") else tiny_llama(layers=8)
+    ids = torch.randint(0, 128, (2, 140), generator=torch.Generator().manual_seed(1))
+    _, decoder, want, got = exact_and_fast(model, POLICIES[name.removesuffix(" qwen2")], ids, prompt=40, fuse=True)
+    assert decoder.ring.kernels.step is not None
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    attn, mlp = model.model.layers[3].self_attn, model.model.layers[3].mlp
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.numel() * 4
+
+
+def test_fusable_names_what_it_cannot_fuse():
+    assert fusable(tiny_llama(layers=2)) is None
+    assert "o_proj or the MLP has a bias" in fusable(tiny_llama(layers=2, attention_bias=True))
+    assert "hidden_act" in fusable(tiny_llama(layers=2, hidden_act="gelu"))
+
+
 def test_fast_path_keeps_the_ladder_positions_from_an_empty_cache():
     model = tiny_llama(layers=8)
     ids = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(2))
     policy = LaCachePolicy(budget=32, span=4, overlap=2, sink=4)
     with torch.inference_mode():
         source = policy.make_cache(model)
-        model(ids[:, :1], past_key_values=source)
+        model(ids[:, :1], **cache_kwarg(model, source))
         decoder = GraphDecoder(model, source, ids[:, 1:2], graphs=False, rebase_every=37)
         for t in range(1, ids.shape[1]):
             decoder.ids.copy_(ids[:, t : t + 1])
@@ -82,7 +117,7 @@ def test_fast_path_refuses_what_it_cannot_do():
     ids = torch.randint(0, 128, (1, 20))
     with torch.inference_mode():
         cache = FullCachePolicy().make_cache(model)
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwarg(model, cache))
         decoder = GraphDecoder(model, cache, ids[:, -1:], max_new_tokens=2, graphs=False)
         assert decoder.ring.capacity >= 20 + 2
         for _ in range(decoder.ring.capacity - 20):
@@ -101,7 +136,7 @@ def test_reference_method_keeps_the_same_positions_as_lacache():
         assert torch.allclose(fast, reference, atol=1e-5, rtol=1e-4)
         bulk = [LaCachePolicy(**settings).make_cache(model, 200), ReferenceLaCachePolicy(**settings).make_cache(model, 200)]
         with torch.inference_mode():
-            outs = [model(ids[:, :200], past_key_values=c) for c in bulk]
+            outs = [model(ids[:, :200], **cache_kwarg(model, c)) for c in bulk]
         after = [stream(model, c, ids[:, 200:]) for c in bulk]
         assert torch.allclose(after[0], after[1], atol=1e-5, rtol=1e-4)
 
