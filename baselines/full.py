@@ -18,6 +18,7 @@ class FullCache(DynamicCache):
         self.peak_slots = 0
         self.slot_steps = 0
         self.forwards = 0
+        self.bytes_prefill = self.bytes_decode = 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -31,6 +32,11 @@ class FullCache(DynamicCache):
                 + layer.values[..., :1, :].numel() * layer.values.element_size()
                 for layer in self.layers
             )
+            held = n * self._bytes_per_slot
+            if key_states.shape[-2] > 1:
+                self.bytes_prefill = max(self.bytes_prefill, held)
+            else:
+                self.bytes_decode = max(self.bytes_decode, held)
         return keys, values
 
     def entries_per_layer(self) -> list[int]:
@@ -45,6 +51,9 @@ class FullCache(DynamicCache):
             "kv_bytes_mean": mean * per_slot,
             "kv_bytes_max": self.peak_slots * per_slot,
             "kv_bytes_allocated": self.peak_slots * per_slot,
+            "kv_bytes_prefill": self.bytes_prefill,
+            "kv_bytes_decode": self.bytes_decode,
+            "kv_bytes_peak": self.peak_slots * per_slot,
         }
 
 

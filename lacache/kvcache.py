@@ -355,9 +355,10 @@ class CompactingCache(Cache):
         q = key_states.shape[-2]
         needed = self.length + q
         if self.raw_keys is None or needed > self.capacity:
-            self._allocate(key_states, value_states, max(needed + self.slack, self.initial_capacity))
-        elif self.capacity > self.initial_capacity and needed <= self.initial_capacity:
-            self._resize(self.initial_capacity)  # a full prefill is over: give its memory back
+            room = q if q < self.initial_capacity else 0  # a prefill chunk: the next one of its size fits too
+            self._allocate(key_states, value_states, max(needed + self.slack, self.initial_capacity + room))
+        elif q == 1 and self.capacity > self.initial_capacity and needed <= self.initial_capacity:
+            self._resize(self.initial_capacity)  # decoding: give a prefill's extra memory back
 
     def _end_forward(self, q: int) -> None:
         self.length += q
