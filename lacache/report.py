@@ -106,6 +106,8 @@ def ids_from_identity(record: dict) -> dict:
         ids.update(context_lengths=",".join(map(str, lengths)), num_samples=task.get("num_samples"))
     elif name == "ppl":
         ids.update(dataset=task.get("dataset"), num_tokens=task.get("num_tokens"))
+    if name in ("ruler", "longbench", "niah"):
+        ids["compress"] = task.get("compress", "prompt")
     return ids
 
 
@@ -345,6 +347,12 @@ def label(row: dict) -> str:
     return figures.label({k: _value(v) for k, v in row.items()})
 
 
+def compress_of(row: dict) -> str:
+    """What a generation run compressed (``task.compress``): records made before the setting existed
+    compressed the whole prompt."""
+    return _value(row.get("compress")) or "prompt"
+
+
 def status_note(row: dict) -> str | None:
     """The note of a row that has no results: its status and reason (whitespace collapsed, capped)."""
     if row.get("status") == "ok":
@@ -391,8 +399,8 @@ def _labels(rows: list[dict], settings: Sequence[str]) -> list[str]:
     where two rows would still read the same)."""
     varying = [s for s in settings if len({json.dumps(_value(r.get(s)), default=str) for r in rows}) > 1]
     labels = [label(r) + "".join(f" · {s.replace('_', ' ')} {_value(r.get(s))}" for s in varying) for r in rows]
-    counts = {x: labels.count(x) for x in labels}
-    return [f"{x} #{r['key'][:6]}" if counts[x] > 1 else x for x, r in zip(labels, rows)]
+    shown = [(x, compress_of(r)) for x, r in zip(labels, rows)]  # score tables show compress in a column of its own
+    return [f"{x} #{r['key'][:6]}" if shown.count(k) > 1 else x for x, r, k in zip(labels, rows, shown)]
 
 
 def slug(*parts) -> str:
@@ -477,7 +485,7 @@ def _pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
         if a.get("policy") != "lacache":
             continue
         for b in rows:
-            if b.get("policy") == "lacache":
+            if b.get("policy") == "lacache" or compress_of(a) != compress_of(b):
                 continue
             if b.get("policy") == "full" or _value(b.get("budget")) == _value(a.get("budget")):
                 pairs.append((a, b))
@@ -489,14 +497,15 @@ def score_tables(frame, experiment: str, spec: ScoreSpec, name: str) -> list[Tab
     paired differences LaCache − baseline."""
     tables = []
     for key, rows in _groups(_rows(frame, experiment), spec.group_keys):
+        rows = sorted(rows, key=lambda r: (compress_of(r) != "prompt", compress_of(r)))  # the paper's setting first
         columns = _columns(rows, spec)
-        header = ["run"] + [spec.column_name(c) for c in columns] + ["avg"]
+        header = ["run", "compress"] + [spec.column_name(c) for c in columns] + ["avg"]
         where = _describe(key, spec.group_keys)
         table = Table(f"{name}: {where}", header, [], label=slug(experiment, *key),
                       caption=f"{spec.unit}; 95% bootstrap CI over samples in brackets; — missing.")
         scores = {r["key"]: sample_scores(r, spec) for r in rows}
         for row, text in zip(rows, _labels(rows, spec.settings)):
-            cells = [Cell(text=text)]
+            cells = [Cell(text=text), Cell(text=compress_of(row))]
             cells += [_cell(row, scores[row["key"]], [c], spec.metric(c), table) for c in columns]
             cells.append(_cell(row, scores[row["key"]], columns, spec.avg_metric, table))
             table.rows.append(cells)
@@ -509,7 +518,7 @@ def score_tables(frame, experiment: str, spec: ScoreSpec, name: str) -> list[Tab
                              "95% paired bootstrap CI in brackets.")
         labels = dict(zip((r["key"] for r in rows), _labels(rows, spec.settings)))
         for a, b in pairs:
-            cells = [Cell(text=f"{labels[a['key']]} − {labels[b['key']]}")]
+            cells = [Cell(text=f"{labels[a['key']]} − {labels[b['key']]}"), Cell(text=compress_of(a))]
             for cols in [[c] for c in columns] + [columns]:
                 if a.get("status") != "ok" or b.get("status") != "ok":
                     bad = a if a.get("status") != "ok" else b
@@ -575,7 +584,9 @@ def niah_section(frame, out: Path) -> Section:
     blocks: list = score_tables(frame, "niah", NIAH, "NIAH")
     for key, rows in _groups(_rows(frame, "niah"), ()):
         panels = []
+        modes = len({compress_of(r) for r in rows}) > 1
         for row, text in zip(rows, _labels(rows, NIAH.settings)):
+            text += f" · compress {compress_of(row)}" if modes else ""
             grid = (row.get("curves") or {}).get("niah_grid") if row.get("status") == "ok" else None
             if not grid:
                 panels.append({"title": text, "message": f"{MISSING} {row.get('status')}" if row.get("status") != "ok"

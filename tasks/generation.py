@@ -6,11 +6,21 @@ forward per chunk, all into the same cache), then the answer is decoded token by
 cache, greedily (argmax), until an end-of-sequence token, a stop token, a stop string, or
 ``max_new_tokens``.
 
-Compression applies to the whole prompt = context + question (+ chat template and answer prefix),
-compressed as one sequence: the paper's setting (LaCache's LongBench/NIAH scripts prefill the whole
-prompt, then compact). The question is therefore not protected from eviction; a policy with
-``prefill=full`` still computes the first generated token from the uncompressed prompt (the cache
-compacts lazily, at the next forward), while ``prefill=chunked`` compresses between chunks.
+What is compressed is the task's ``compress`` setting (:data:`COMPRESS_MODES`):
+
+* ``prompt`` (default): the whole prompt = context + question (+ chat template and answer prefix),
+  compressed as one sequence: the paper's setting (LaCache's LongBench/NIAH scripts prefill the whole
+  prompt, then compact). The question is therefore not protected from eviction; a policy with
+  ``prefill=full`` still computes the first generated token from the uncompressed prompt (the cache
+  compacts lazily, at the next forward), while ``prefill=chunked`` compresses between chunks.
+* ``context``: kvpress's evaluation (``query_aware=false``). ``generate(..., context_tokens=k)``
+  feeds the first ``k`` prompt tokens (the context, as each task defines it) through the policy's
+  prefill path, so the policy compresses them; then the rest (question, chat-template tail, answer
+  prefix) goes through the compressed cache in a forward of its own (chunked like the context under
+  ``prefill=chunked``), whose logits give the first answer token; then decoding as usual. The tokens
+  fed are the same, in the same order, as in ``prompt`` mode; only the compression point differs.
+  A fractional budget resolves against ``k`` (the context), not the whole prompt. Decode-time
+  compression stays the policy's own (kvpress compresses nothing after the context).
 
 The loop is a plain ``model(ids, past_key_values=cache)`` call per step: no ``position_ids``, no
 ``attention_mask`` and no ``model.generate()`` (which builds absolute positions that do not match a
@@ -34,10 +44,21 @@ import torch
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lacache.models import input_device
 from lacache.policy import CachePolicy
+from lacache.tasks.base import TaskConfigError
 
 
 class ChatTemplateError(ValueError):
     """The task asks for the model's chat template but the tokenizer has none."""
+
+
+COMPRESS_MODES = ("prompt", "context")
+
+
+def check_compress(compress: str) -> str:
+    """A task's ``compress`` setting, validated."""
+    if compress not in COMPRESS_MODES:
+        raise TaskConfigError(f"task.compress={compress!r} is not one of {COMPRESS_MODES}")
+    return compress
 
 
 @dataclass
@@ -54,6 +75,7 @@ class Generation:
     peak_device_bytes: int | None
     peak_rss_bytes: int
     cache_stats: dict = field(default_factory=dict)
+    context_tokens: int | None = None  # prompt tokens compressed before the rest was fed (compress=context)
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
@@ -73,6 +95,7 @@ class Generation:
         """Flat per-sample fields for a task's ``samples``."""
         return {
             "prompt_tokens": self.prompt_tokens,
+            "context_tokens": self.context_tokens,
             "generated_tokens": self.generated_tokens,
             "stop_reason": self.stop_reason,
             "prefill_s": self.prefill_s,
@@ -142,6 +165,26 @@ def eos_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+def context_split(prompt_ids: Sequence[int], head_ids: Sequence[int]) -> int:
+    """How many leading tokens of ``prompt_ids`` are context, for ``compress=context``.
+
+    ``head_ids``: the prompt built the same way (same wrapper) from its text cut at the end of the
+    context. The context is the tokens both share from the start, so a token that straddles the
+    boundary (BPE merges across it) goes to the question, and the split is a point in the very
+    tokens ``compress=prompt`` feeds, never a second tokenization."""
+    shared = 0
+    for a, b in zip(prompt_ids, head_ids):
+        if a != b:
+            break
+        shared += 1
+    if not 0 < shared < len(prompt_ids):
+        raise ValueError(
+            f"the prompt ({len(prompt_ids)} tokens) and its context ({len(head_ids)} tokens) share {shared} leading "
+            "tokens; compress=context needs a non-empty context and a non-empty rest"
+        )
+    return shared
+
+
 def newline_token_id(tokenizer) -> int:
     """The token LongBench's pred.py stops at for samsum: ``tokenizer.encode("\\n")[-1]``."""
     return encode(tokenizer, "\n")[-1]
@@ -196,6 +239,7 @@ def generate(
     stop_token_ids: Iterable[int] = (),
     eos_ids: Iterable[int] | None = None,
     min_new_tokens: int = 0,
+    context_tokens: int | None = None,
 ) -> Generation:
     """Greedy-decode one prompt through a fresh cache of ``policy``.
 
@@ -204,6 +248,10 @@ def generate(
     text is cut before it), or after ``max_new_tokens``. Until ``min_new_tokens`` tokens exist, EOS
     and stop tokens are masked out (``min_length`` in LongBench's ``generate`` call). EOS / stop
     tokens are not part of the returned text.
+
+    ``context_tokens=k`` (``compress=context``): the policy compresses the first ``k`` prompt tokens
+    (its cache and a fractional budget are sized for them), then the other tokens are fed through the
+    compressed cache before decoding; ``None`` compresses the whole prompt.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -213,6 +261,9 @@ def generate(
     n = ids.shape[1]
     if n < 1:
         raise ValueError("empty prompt")
+    if context_tokens is not None and not 0 < context_tokens < n:
+        raise ValueError(f"context_tokens={context_tokens} must be in [1, {n - 1}] for a prompt of {n} tokens")
+    parts = [n] if context_tokens is None else [context_tokens, n - context_tokens]  # compressed, then fed through
     eos = set(eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids)
     stop_tokens = set(stop_token_ids)
     enders = sorted(eos | stop_tokens)
@@ -227,13 +278,13 @@ def generate(
         return int(logits.argmax())
 
     reset_device_peak(device)
-    cache = policy.make_cache(model, prompt_length=n)
+    cache = policy.make_cache(model, prompt_length=parts[0])
     generated: list[int] = []
     reason, text = "length", None
     with torch.inference_mode():
         with Stopwatch(device) as prefill_clock:
             start = 0
-            for size in policy.prefill_chunks(n):
+            for size in (chunk for part in parts for chunk in policy.prefill_chunks(part)):
                 logits = model(ids[:, start : start + size], past_key_values=cache, use_cache=True, **kwargs).logits
                 start += size
             token = pick(logits, 0)
@@ -277,6 +328,7 @@ def generate(
         peak_device_bytes=device_peak_bytes(device),
         peak_rss_bytes=peak_rss_bytes(),
         cache_stats=dict(cache.stats()) if hasattr(cache, "stats") else {},
+        context_tokens=context_tokens,
     )
 
 

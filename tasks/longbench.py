@@ -13,9 +13,17 @@ token and must produce at least one token first (``pred.py``'s ``eos_token_id=[e
 prompt and its answer fit in the positions the model was trained on (the official per-model
 ``model2maxlen`` values leave this room too, e.g. 3500 for Llama-2's 4096).
 
-Generation and compression: :mod:`lacache.tasks.generation` (a new cache per sample, the whole prompt =
-context + question compressed as one sequence, as in the paper; a fractional budget resolves
-against the prompt length).
+Generation and compression: :mod:`lacache.tasks.generation` (a new cache per sample).
+``compress=prompt`` (default, the paper's setting) compresses the whole prompt = context + question
+as one sequence; ``compress=context`` compresses the context only, then feeds the question through
+the compressed cache. Every official prompt puts the question after the context, so the question is
+what the template puts after ``{context}`` (:func:`~lacache.tasks.longbench_data.prompt_question`:
+e.g. hotpotqa's ``\n\nAnswer the question based on the given passages. ... Question: {input}\nAnswer:``,
+gov_report's ``\n\nNow, write a one-page summary of the report.\n\nSummary:``, lcc's ``Next line of
+code:\n``) plus the chat template's tail, and the context is everything before it (the instruction
+at the top, the context, the chat template's head). After middle truncation the question is the
+part of it that survived (all of it unless the truncation reached into it). A fractional budget
+resolves against the prompt length, or the context length under ``compress=context``.
 
 Why not lm-eval's LongBench tasks as the engine: lm-eval generates through ``model.generate()``
 (HFLM), which builds absolute ``position_ids`` and a growing attention mask that do not match a
@@ -26,6 +34,7 @@ generation runs on our own loop and lm-eval's role is limited to cross-checking 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +65,11 @@ class LongBenchTask(Task):
     source: str | None = None  # None / "hub": THUDM/LongBench; else a directory (or data.zip)
     limit: int | None = None
     max_length: int | None = None
+    compress: str = "prompt"  # prompt | context (see the module docstring)
 
     def __post_init__(self) -> None:
         self.datasets = _dataset_list(self.datasets)
+        gen.check_compress(self.compress)
         if self.limit is not None and (int(self.limit) != self.limit or self.limit < 1):
             raise TaskConfigError(f"task.limit={self.limit} must be a positive integer or null")
         if self.max_length is not None and (int(self.max_length) != self.max_length or self.max_length < 2):
@@ -115,8 +126,9 @@ class LongBenchTask(Task):
             return None
         return max(2, model_max_length - lb.MAX_NEW_TOKENS[dataset])
 
-    def prompt_ids(self, tokenizer, dataset: str, record: dict, max_length: int | None) -> tuple[list[int], bool]:
-        """(prompt token ids, whether the prompt was truncated), as pred.py builds them."""
+    def prompt_ids(self, tokenizer, dataset: str, record: dict, max_length: int | None) -> tuple[list[int], bool, int | None]:
+        """(prompt token ids, whether the prompt was truncated), as pred.py builds them, and under
+        ``compress=context`` the number of leading tokens that are context (else None)."""
         text = lb.build_prompt(dataset, record)
         ids = gen.encode(tokenizer, text)
         truncated = max_length is not None and len(ids) > max_length
@@ -126,9 +138,14 @@ class LongBenchTask(Task):
             text = tokenizer.decode(kept[:half], skip_special_tokens=True) + tokenizer.decode(kept[half:], skip_special_tokens=True)
         use_chat = dataset not in lb.NO_CHAT_TEMPLATE
         try:
-            return gen.build_prompt(tokenizer, text, use_chat), truncated
+            ids = gen.build_prompt(tokenizer, text, use_chat)
         except gen.ChatTemplateError as err:
             raise TaskConfigError(f"LongBench {dataset} uses the chat template: {err}") from None
+        if self.compress == "prompt":
+            return ids, truncated, None
+        question = lb.prompt_question(dataset, record)
+        kept = len(os.path.commonprefix([text[::-1], question[::-1]]))  # the question's end that survived truncation
+        return ids, truncated, gen.context_split(ids, gen.build_prompt(tokenizer, text[: len(text) - kept], use_chat))
 
     def run(self, ctx: RunContext) -> TaskResult:
         data = {dataset: self.load(dataset) for dataset in self.datasets}  # fail on data before generating
@@ -144,10 +161,11 @@ class LongBenchTask(Task):
             stop_tokens = [gen.newline_token_id(ctx.tokenizer)] if dataset in lb.STOP_AT_NEWLINE else []
             preds, answers, classes = [], [], []
             for index, record in enumerate(records):
-                prompt, truncated = self.prompt_ids(ctx.tokenizer, dataset, record, max_length)
+                prompt, truncated, context_tokens = self.prompt_ids(ctx.tokenizer, dataset, record, max_length)
                 out = gen.generate(
                     ctx.model, ctx.tokenizer, ctx.policy, prompt, lb.MAX_NEW_TOKENS[dataset],
                     eos_ids=eos, stop_token_ids=stop_tokens, min_new_tokens=1 if stop_tokens else 0,
+                    context_tokens=context_tokens,
                 )
                 generations.append(out)
                 refs = list(record["answers"]) if not isinstance(record["answers"], str) else [record["answers"]]
@@ -176,4 +194,5 @@ class LongBenchTask(Task):
         return TaskResult(metrics=metrics, samples=samples, stats=stats)
 
     def describe(self) -> dict:
-        return {"task": self.name, "datasets": ",".join(self.datasets), "limit": self.limit, "max_length": self.max_length}
+        return {"task": self.name, "datasets": ",".join(self.datasets), "limit": self.limit, "max_length": self.max_length,
+                "compress": self.compress}

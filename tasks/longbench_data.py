@@ -62,6 +62,7 @@ __all__ = [
     "METRICS",
     "load",
     "build_prompt",
+    "prompt_question",
     "truncate_middle",
     "score",
     "sample_score",
@@ -413,8 +414,7 @@ def load(dataset: str, source: str | os.PathLike | None = None, limit: int | Non
 # ---------------------------------------------------------------------------
 
 
-def build_prompt(dataset: str, sample: dict) -> str:
-    """Official prompt (``dataset2prompt[dataset].format(**sample)``), before any chat template."""
+def _prompt_fields(dataset: str, sample: dict) -> dict:
     _check_dataset(dataset)
     template = PROMPTS[dataset]
     fields = {}
@@ -423,7 +423,19 @@ def build_prompt(dataset: str, sample: dict) -> str:
             if key not in sample:
                 raise KeyError(f"LongBench {dataset!r} prompt needs field {key!r}, which the sample lacks")
             fields[key] = sample[key]
-    return template.format(**fields)
+    return fields
+
+
+def build_prompt(dataset: str, sample: dict) -> str:
+    """Official prompt (``dataset2prompt[dataset].format(**sample)``), before any chat template."""
+    return PROMPTS[dataset].format(**_prompt_fields(dataset, sample))
+
+
+def prompt_question(dataset: str, sample: dict) -> str:
+    """The end of :func:`build_prompt` after the context: what every official prompt puts after
+    ``{context}`` (instructions repeated, the question ``input`` where there is one, ``Answer:``).
+    ``compress=context`` keeps this part uncompressed."""
+    return PROMPTS[dataset].split("{context}")[-1].format(**_prompt_fields(dataset, sample))
 
 
 def truncate_middle(token_ids: Sequence[int], max_length: int) -> list[int]:

@@ -20,9 +20,13 @@ and appends "The pass key is" after the generation prompt; the default is the re
 Sample ``i`` of every cell uses the same pass key and haystack start (seeded by ``seed`` and ``i``),
 so a row or column of the grid differs only in length or depth.
 
-Generation and compression: :mod:`lacache.tasks.generation` (a new cache per sample, the whole prompt
-compressed as one sequence; a fractional budget resolves against the prompt length, like the
-reference's ``int(budget * prompt_tokens)``).
+Generation and compression: :mod:`lacache.tasks.generation` (a new cache per sample).
+``compress=prompt`` (default, the reference's setting) compresses the whole prompt as one sequence;
+``compress=context`` compresses the context = the task description and the haystack (with the
+needle), up to the haystack's last sentence, then feeds the question (``\nWhat is the pass key?``,
+the chat template's tail if any, ``The pass key is``) through the compressed cache. A fractional
+budget resolves against the prompt length (the reference's ``int(budget * prompt_tokens)``), or the
+context length under ``compress=context``.
 
 Output: ``niah/acc`` (fraction correct over all cells, each cell weighted equally),
 ``curves["niah_grid"]`` (one point per cell: ``context_length``, ``depth``, ``acc``, mean prompt
@@ -83,6 +87,7 @@ class NeedleSample:
     prompt_ids: list[int]
     haystack_sentences: int
     needle_sentence: int  # haystack sentences before the needle
+    context_tokens: int | None = None  # leading prompt tokens compressed alone (compress=context)
 
 
 @dataclass
@@ -98,6 +103,7 @@ class NeedleTask(Task):
     chat_template: bool = False
     allow_long: bool = False
     artifacts_dir: str = "runs/artifacts"
+    compress: str = "prompt"  # prompt | context (see the module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.context_lengths, int):
@@ -120,6 +126,7 @@ class NeedleTask(Task):
             raise TaskConfigError(f"task.pass_key_digits={self.pass_key_digits} must be in [1, 30]")
         if self.max_new_tokens < 1:
             raise TaskConfigError(f"task.max_new_tokens={self.max_new_tokens} must be >= 1")
+        gen.check_compress(self.compress)
 
     def check(self, model_config, policy, max_length) -> None:
         check_context_length(max(self.context_lengths), max_length, self.allow_long, "max(task.context_lengths)")
@@ -129,8 +136,11 @@ class NeedleTask(Task):
         rng = _rng(self.seed, index, "key")
         return str(rng.randint(10 ** (self.pass_key_digits - 1), 10**self.pass_key_digits - 1))
 
-    def prompt_ids(self, tokenizer, before: list[str], after: list[str], key: str) -> list[int]:
+    def prompt_ids(self, tokenizer, before: list[str], after: list[str], key: str, context_only: bool = False) -> list[int]:
+        """The prompt's token ids; ``context_only``: the same prompt cut after the haystack."""
         haystack = " ".join([*before, NEEDLE.format(key=key), *after])
+        if context_only:
+            return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}", self.chat_template)
         if self.chat_template:
             return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}\n{QUESTION}", True, ANSWER_PREFIX)
         return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}\n{QUESTION} {ANSWER_PREFIX}", False)
@@ -154,9 +164,10 @@ class NeedleTask(Task):
                     counts[b] = len(ids)
             return counts[j]
 
-        def make(k: int) -> list[int]:
+        def make(k: int, context_only: bool = False) -> list[int]:
             cut = round(depth * k)
-            return self.prompt_ids(tokenizer, [sentence(i) for i in range(cut)], [sentence(i) for i in range(cut, k)], key)
+            return self.prompt_ids(tokenizer, [sentence(i) for i in range(cut)], [sentence(i) for i in range(cut, k)], key,
+                                   context_only)
 
         fixed = len(make(0))
         if fixed > budget:
@@ -177,7 +188,8 @@ class NeedleTask(Task):
             if len(longer) > budget:
                 break
             k, ids = k + 1, longer
-        return NeedleSample(context_length, depth, index, key, ids, k, round(depth * k))
+        split = gen.context_split(ids, make(k, context_only=True)) if self.compress == "context" else None
+        return NeedleSample(context_length, depth, index, key, ids, k, round(depth * k), split)
 
     def samples(self, tokenizer) -> list[NeedleSample]:
         if self.chat_template and not gen.has_chat_template(tokenizer):
@@ -197,7 +209,8 @@ class NeedleTask(Task):
         records, generations = [], []
         started = time.perf_counter()
         for sample in tqdm(drawn, desc=f"niah {ctx.policy.name}", unit="sample", disable=not ctx.progress):
-            out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, sample.prompt_ids, self.max_new_tokens)
+            out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, sample.prompt_ids, self.max_new_tokens,
+                               context_tokens=sample.context_tokens)
             generations.append(out)
             records.append({
                 "context_length": sample.context_length,
@@ -261,7 +274,8 @@ class NeedleTask(Task):
             for j in range(len(self.context_lengths)):
                 ax.text(j, i, f"{100 * values[i, j]:.0f}", ha="center", va="center", fontsize=9)
         describe = " ".join(f"{k}={v}" for k, v in ctx.policy.describe().items() if v is not None)
-        ax.set_title(f"NIAH pass key ({describe})\naccuracy {100 * acc:.1f}%, {self.num_samples}/cell", fontsize=9)
+        ax.set_title(f"NIAH pass key ({describe}, compress={self.compress})\naccuracy {100 * acc:.1f}%, "
+                     f"{self.num_samples}/cell", fontsize=9)
         fig.colorbar(image, ax=ax, label="accuracy (%)")
         fig.tight_layout()
         path = self.artifact_path(ctx)
@@ -274,4 +288,5 @@ class NeedleTask(Task):
             "task": self.name,
             "context_lengths": ",".join(map(str, self.context_lengths)),
             "num_samples": self.num_samples,
+            "compress": self.compress,
         }

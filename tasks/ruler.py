@@ -11,8 +11,14 @@ The chat wrapper's tokens count against the haystack, so prompt + ``max_new_toke
 actual lengths are recorded per sample (``length``: RULER's text without the wrapper;
 ``prompt_tokens``: what the model was fed).
 
-Generation and compression: :mod:`lacache.tasks.generation` (greedy, a new cache per sample, the whole
-prompt compressed as one sequence; a fractional budget resolves against the prompt length).
+Generation and compression: :mod:`lacache.tasks.generation` (greedy, a new cache per sample).
+``compress=prompt`` (default) compresses the whole prompt as one sequence; ``compress=context``
+compresses the context only, then feeds the question through the compressed cache. The context is
+everything up to the end of RULER's ``{context}`` (instructions, vt's and cwe's in-context examples,
+the haystack / documents / word list, and the chat template's head); the question is the rest: the
+template's text after ``{context}`` (e.g. ``\nWhat is the special magic number for X mentioned in
+the provided text?``), the chat template's tail and the answer prefix. A fractional budget resolves
+against the prompt length, or the context length under ``compress=context``.
 
 Metrics (RULER's scale, 0-100): ``ruler/<task>`` (string_match_all, or string_match_part for qa)
 and ``ruler/avg`` (mean over the tasks run). Each sample carries its own score in [0, 1].
@@ -20,6 +26,7 @@ and ``ruler/avg`` (mean over the tasks run). Each sample carries its own score i
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -69,9 +76,11 @@ class RulerTask(Task):
     seed: int = 42
     chat_template: bool = True
     allow_long: bool = False
+    compress: str = "prompt"  # prompt | context (see the module docstring)
 
     def __post_init__(self) -> None:
         self.tasks = _task_list(self.tasks)
+        gen.check_compress(self.compress)
         if int(self.context_length) != self.context_length or self.context_length < 1:
             raise TaskConfigError(f"task.context_length={self.context_length} must be a positive integer")
         if int(self.num_samples) != self.num_samples or self.num_samples < 1:
@@ -112,6 +121,13 @@ class RulerTask(Task):
             return gen.encode(tokenizer, wrapped + prefix)
         return gen.build_prompt(tokenizer, sample.input, False, prefix)
 
+    def context_tokens(self, tokenizer, sample: ruler_data.RulerSample, prompt: list[int]) -> int | None:
+        """Under ``compress=context``, the prompt's leading tokens up to the end of RULER's context."""
+        if self.compress == "prompt":
+            return None
+        head = dataclasses.replace(sample, input=sample.input[: sample.context_end], answer_prefix="")
+        return gen.context_split(prompt, self.prompt_ids(tokenizer, head))
+
     # ------------------------------------------------------------------ run
     def run(self, ctx: RunContext) -> TaskResult:
         check_context_length(self.context_length, ctx.max_length, self.allow_long)
@@ -125,7 +141,8 @@ class RulerTask(Task):
         for task, items in drawn.items():
             preds, refs = [], []
             for sample, prompt in items:
-                out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, prompt, sample.max_new_tokens)
+                out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, prompt, sample.max_new_tokens,
+                                   context_tokens=self.context_tokens(ctx.tokenizer, sample, prompt))
                 generations.append(out)
                 preds.append(out.text)
                 refs.append(list(sample.outputs))
@@ -154,4 +171,5 @@ class RulerTask(Task):
             "context_length": self.context_length,
             "num_samples": self.num_samples,
             "subtasks": ",".join(self.tasks),
+            "compress": self.compress,
         }

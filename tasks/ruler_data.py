@@ -184,6 +184,7 @@ class RulerSample:
     answer_prefix: str  # appended after the (chat-wrapped) prompt by the caller
     max_new_tokens: int  # RULER's tokens_to_generate for the task
     length: int  # tokens of input + answer_prefix (no special tokens, no chat template)
+    context_end: int  # input[:context_end] ends with the task's context (compress=context); the rest is the question
 
 
 # --------------------------------------------------------------------------
@@ -406,6 +407,13 @@ def _niah_params(args: dict) -> dict:
     return p
 
 
+def _singular(s: str) -> str:
+    """RULER's rewrite of niah's whole template + answer prefix when one value is asked for."""
+    for old, new in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
+        s = s.replace(old, new)
+    return s
+
+
 def _niah_build(args: dict, num_haystack: int, rng: random.Random, seed: int) -> tuple[str, str, list[str]]:
     """One niah prompt with ``num_haystack`` haystack units (essay words,
     repeated sentences or distractor needles). Returns (input, answer_prefix,
@@ -457,13 +465,7 @@ def _niah_build(args: dict, num_haystack: int, rng: random.Random, seed: int) ->
 
     template, prefix = _templates("niah")
     if p["num_needle_q"] * p["num_needle_v"] == 1:
-        # RULER rewrites its whole (template + answer prefix) to the singular.
-        def singular(s: str) -> str:
-            for old, new in (("Some", "A"), ("are all", "is"), ("are", "is"), ("answers", "answer")):
-                s = s.replace(old, new)
-            return s
-
-        template, prefix = singular(template), singular(prefix)
+        template, prefix = _singular(template), _singular(prefix)
         type_v = type_v[:-1]
     fill = dict(type_needle_v=type_v, context=context, query=query)
     return template.format(**fill), prefix.format(**fill), answers
@@ -857,7 +859,21 @@ def _sample(task: str, count, context_length: int, index: int, seed: int, icl_te
         answer_prefix=prefix,
         max_new_tokens=ttg,
         length=length,
+        context_end=_question_start(family, inp),
     )
+
+
+def _question_start(family: str, inp: str) -> int:
+    """Where the question starts in ``inp``: at the last occurrence of the text the task's template
+    puts right after ``{context}`` (up to its first placeholder; niah's possibly in the singular).
+    Everything before it (instructions, in-context example, the context) is the context. RULER's
+    templates all end with the question, so this is the end of the context."""
+    template, _ = _templates(family)
+    after = template.split("{context}")[-1].split("{")[0]
+    found = max(inp.rfind(text) for text in ({after, _singular(after)} if family == "niah" else {after}))
+    if not after or found < 0:  # pragma: no cover - a template without text after its context
+        raise ValueError(f"RULER {family}: cannot find where the question starts ({after!r}) in the prompt")
+    return found
 
 
 def _vt_icl_for(task: str, count, seed: int) -> str:
