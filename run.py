@@ -1,15 +1,7 @@
-"""Run one experiment (or a sweep with -m): python run.py model=<m> cache=<policy> task=<task>."""
+"""Run one experiment (or a sweep with -m): python run.py model=<m> cache=<policy> task=<task>.
+The same as the installed ``lacache`` command (:mod:`lacache.cli`)."""
 
-import hydra
-from omegaconf import DictConfig
-
-from lacache.runner import main
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="config")
-def run(cfg: DictConfig) -> None:
-    main(cfg)
-
+from lacache.cli import main
 
 if __name__ == "__main__":
-    run()
+    main()

@@ -30,15 +30,14 @@ import argparse
 import gc
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from lacache import records
+from lacache import CONFIGS, records
+from lacache.compat import cache_kwarg
 from lacache.kvcache import CompactingCache
 from lacache.measure import device_peak_bytes, peak_rss_bytes, reset_device_peak, sync
 
-ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # random-weight models: no download needed
     "llama3-8b-shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0),
@@ -55,7 +54,7 @@ def make_policy(name: str, budget: int, args):
 
     from lacache.runner import build
 
-    path = ROOT / "configs" / "cache" / f"{name}.yaml"
+    path = CONFIGS / "cache" / f"{name}.yaml"
     if not path.exists():
         valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise SystemExit(f"unknown policy {name!r}; valid: {valid}")
@@ -82,7 +81,7 @@ def load_model(args):
 
     from lacache import models
 
-    spec = models.ModelSpec(**OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "model" / f"{args.model}.yaml")))
+    spec = models.ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")))
     spec.device, spec.dtype, spec.attn_implementation = args.device, args.dtype, args.attn
     return models.load(spec)[0]
 
@@ -112,7 +111,7 @@ def prefill(model, policy, prompt):
     cache = policy.make_cache(model, prompt_length=prompt.shape[1])
     offset = 0
     for size in policy.prefill_chunks(prompt.shape[1]):
-        logits = model(prompt[:, offset : offset + size], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = model(prompt[:, offset : offset + size], **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
         offset += size
     return cache, logits.argmax(-1, keepdim=True)
 
@@ -134,7 +133,7 @@ def measure_eager(model, policy, prompt, steps: int, device) -> dict:
     for _ in range(steps):
         sync(device)
         start = time.perf_counter()
-        token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(token, **cache_kwarg(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         sync(device)
         step_times.append(time.perf_counter() - start)
     warm = step_times[min(5, steps // 4) :]
@@ -145,7 +144,7 @@ def measure_eager(model, policy, prompt, steps: int, device) -> dict:
         timer = CompactionTimer(cache, device)
         timed_steps = max(16, steps // 2)
         for _ in range(timed_steps):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            token = model(token, **cache_kwarg(model, cache), use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
         out["compaction_ms_per_step"] = 1000 * timer.seconds / timed_steps
     return out
 

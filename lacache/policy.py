@@ -7,11 +7,14 @@ one Python file plus one ``configs/cache/<name>.yaml`` whose ``_target_`` names 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from transformers.cache_utils import Cache
+
+from lacache.compat import watch
 
 PREFILL_MODES = ("full", "chunked")
 DECODE_MODES = ("exact", "fast")
@@ -63,6 +66,20 @@ class CachePolicy:
                 raise PolicyConfigError(f"budget={b} as a float is a fraction and must be in (0, 1]; use an int for entries")
             if isinstance(b, int) and b < 1:
                 raise PolicyConfigError(f"budget={b} must be >= 1")
+
+    def __init_subclass__(cls, **kwargs):
+        """Every policy's ``make_cache`` has :func:`lacache.compat.guard_inputs` watch its cache, so that
+        ``model.generate`` with a compressing cache gives the harness's tokens or a clear refusal."""
+        super().__init_subclass__(**kwargs)
+        build = cls.__dict__.get("make_cache")
+        if build is not None and not getattr(build, "guarded", False):
+
+            @functools.wraps(build)
+            def make_cache(self, model, prompt_length=None):
+                return watch(model, build(self, model, prompt_length))
+
+            make_cache.guarded = True
+            cls.make_cache = make_cache
 
     # -------------------------------------------------------------- budget
     @property

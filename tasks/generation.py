@@ -22,9 +22,13 @@ What is compressed is the task's ``compress`` setting (:data:`COMPRESS_MODES`):
   A fractional budget resolves against ``k`` (the context), not the whole prompt. Decode-time
   compression stays the policy's own (kvpress compresses nothing after the context).
 
-The loop is a plain ``model(ids, past_key_values=cache)`` call per step: no ``position_ids``, no
-``attention_mask`` and no ``model.generate()`` (which builds absolute positions that do not match a
-compacted cache, see PITFALLS.md); positions come from ``cache.get_seq_length()``. With
+The loop is a plain ``model(ids, **cache_kwarg(model, cache))`` call per step, with no ``position_ids``
+and no ``attention_mask``: positions come from the cache (``cache.get_seq_length()``).
+``model.generate(ids, **cache_kwarg(model, cache))`` gives the same tokens for one sequence (the input
+guard that ``make_cache`` installs drops the absolute positions and the all-ones mask ``generate``
+builds, and refuses padded batches and second turns: :mod:`lacache.compat`, tested in
+``tests/test_library.py``); this loop stays because it also stops at strings, times prefill and
+decode separately and feeds ``compress=context`` in two parts. With
 ``cache.decode=fast`` the answer is decoded by :class:`lacache.fast_decode.GraphDecoder` instead
 (same positions and logits up to rounding; CUDA graphs on a GPU).
 
@@ -41,6 +45,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from lacache.compat import cache_kwarg
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lacache.models import input_device
 from lacache.policy import CachePolicy
@@ -208,7 +213,7 @@ def _exact_step(model, cache, kwargs: dict, device):
 
     def step(token: int) -> torch.Tensor:
         ids = torch.tensor([[token]], dtype=torch.long, device=device)
-        return model(ids, past_key_values=cache, use_cache=True, **kwargs).logits
+        return model(ids, **cache_kwarg(model, cache), use_cache=True, **kwargs).logits
 
     return step
 
@@ -285,7 +290,7 @@ def generate(
         with Stopwatch(device) as prefill_clock:
             start = 0
             for size in (chunk for part in parts for chunk in policy.prefill_chunks(part)):
-                logits = model(ids[:, start : start + size], past_key_values=cache, use_cache=True, **kwargs).logits
+                logits = model(ids[:, start : start + size], **cache_kwarg(model, cache), use_cache=True, **kwargs).logits
                 start += size
             token = pick(logits, 0)
         step_fn = _exact_step(model, cache, kwargs, device)

@@ -25,11 +25,11 @@ at the top, the context, the chat template's head). After middle truncation the 
 part of it that survived (all of it unless the truncation reached into it). A fractional budget
 resolves against the prompt length, or the context length under ``compress=context``.
 
-Why not lm-eval's LongBench tasks as the engine: lm-eval generates through ``model.generate()``
-(HFLM), which builds absolute ``position_ids`` and a growing attention mask that do not match a
-compacted, position-shifted cache, and it would need a custom LM wrapper for every policy. So the
-generation runs on our own loop and lm-eval's role is limited to cross-checking the metrics
-(``tests/test_longbench_data.py``).
+Why not lm-eval's LongBench tasks as the engine: lm-eval's HFLM batches left-padded prompts through
+``model.generate()``, and a compressing cache refuses a padded batch (one set of slots for the whole
+batch, :mod:`lacache.compat`); run one prompt at a time, its ``generate`` would give this loop's tokens
+but not its per-phase timings and ``compress=context`` split. So the generation runs on our own loop
+and lm-eval's role is limited to cross-checking the metrics (``tests/test_longbench_data.py``).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lacache.assets import essays_text
+from lacache.compat import cache_kwarg
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lacache.models import input_device
 from lacache.tasks.base import RunContext, Task, TaskConfigError, TaskResult
@@ -95,7 +96,7 @@ class PerplexityTask(Task):
         with torch.inference_mode(), Stopwatch(device) as clock:
             for start in range(0, n - 1, step):
                 end = min(start + step, n - 1)
-                logits = ctx.model(ids[:, start:end], past_key_values=cache, use_cache=True).logits[0].float()
+                logits = ctx.model(ids[:, start:end], **cache_kwarg(ctx.model, cache), use_cache=True).logits[0].float()
                 targets = ids[0, start + 1 : end + 1]
                 nll[start:end] = (-torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]).double().cpu()
                 bar.update(end - start)

@@ -57,10 +57,12 @@ def tiny_model_dir(tmp_path_factory, smollm2):
 
 def stream(model, cache, ids, step=1):
     """Feed ``ids`` through ``model`` with ``cache``; return the logits of every position."""
+    from lacache.compat import cache_kwarg
+
     out = []
     with torch.inference_mode():
         for start in range(0, ids.shape[1], step):
-            out.append(model(ids[:, start : start + step], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, start : start + step], **cache_kwarg(model, cache), use_cache=True).logits)
     return torch.cat(out, dim=1)
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lacache.compat import cache_kwarg
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.h2o import H2OPolicy, HeavyHitterCache, attention_column_sums
 from lacache.baselines.streamingllm import StreamingLLMPolicy
@@ -34,7 +35,7 @@ def test_lacache_cache_keeps_predicted_positions(tiny_model, span, overlap, budg
 
 
 class SlotRotaryReferenceCache(DynamicCache):
-    """Option 1 of docs/POSITIONS.md, written independently: store un-rotated keys, apply the
+    """The plainest position-shift design, written independently: store un-rotated keys, apply the
     ladder with plain lists after every forward, rotate every key at its slot on every step."""
 
     def __init__(self, model, ladder_kept):
@@ -97,7 +98,7 @@ def test_streamingllm_keeps_sinks_and_newest_at_every_step(tiny_model):
     cache = StreamingLLMPolicy(budget=20, sink=4).make_cache(tiny_model)
     with torch.inference_mode():
         for t in range(60):
-            tiny_model(TOKENS[:, t : t + 1], past_key_values=cache)
+            tiny_model(TOKENS[:, t : t + 1], **cache_kwarg(tiny_model, cache))
             held = cache.kept_positions()[0, 0, 0].tolist()
             newest = list(range(max(4, t + 1 - 16), t + 1))
             assert held == list(range(min(4, t + 1))) + newest
@@ -116,7 +117,7 @@ def test_h2o_keeps_planted_heavy_hitters(tiny_model):
     cache = HeavyHitterCache(tiny_model, budget=12, heavy=4)
     with torch.inference_mode():
         for t in range(40):
-            tiny_model(TOKENS[:, t : t + 1], past_key_values=cache)
+            tiny_model(TOKENS[:, t : t + 1], **cache_kwarg(tiny_model, cache))
             cache.scores[:, :, :, : cache.length] = 0  # replace the model's scores with a planted pattern
             for p in planted:
                 slot = (cache.positions[0, 0, 0, : cache.length] == p).nonzero()
@@ -136,7 +137,7 @@ def test_chunked_prefill_bounds_memory(tiny_model, policy):
     with torch.inference_mode():
         for size in policy.prefill_chunks(TOKENS.shape[1]):
             start = cache.seen
-            tiny_model(TOKENS[:, start : start + size], past_key_values=cache)
+            tiny_model(TOKENS[:, start : start + size], **cache_kwarg(tiny_model, cache))
     assert cache.peak_slots <= 40 + 16 + 2  # budget (+ LaCache compensation) + one chunk
     held = cache.kept_positions()
     assert held[..., -1].eq(TOKENS.shape[1] - 1).all()  # the newest token is never dropped
@@ -146,8 +147,8 @@ def test_chunked_prefill_bounds_memory(tiny_model, policy):
 def test_full_prefill_then_compact_keeps_the_newest_and_no_duplicates(tiny_model):
     cache = LaCachePolicy(budget=30, span=3, overlap=1, sink=2).make_cache(tiny_model)
     with torch.inference_mode():
-        tiny_model(TOKENS[:, :150], past_key_values=cache)
-        tiny_model(TOKENS[:, 150:151], past_key_values=cache)
+        tiny_model(TOKENS[:, :150], **cache_kwarg(tiny_model, cache))
+        tiny_model(TOKENS[:, 150:151], **cache_kwarg(tiny_model, cache))
     held = cache.kept_positions()[:, 0, 0]
     assert held.shape[-1] <= 31 + 1
     for row in held.tolist():
@@ -217,9 +218,9 @@ def test_bulk_compaction_keeps_exact_entries_rotated_at_their_slots():
     full = DynamicCache(config=model.config)
     cache = LaCachePolicy(budget=60, span=4, overlap=0, sink=4).make_cache(model)
     with torch.inference_mode():
-        model(ids[:, :150], past_key_values=full)
-        model(ids[:, :150], past_key_values=cache)
-        model(ids[:, 150:151], past_key_values=cache)  # applies the pending bulk compaction
+        model(ids[:, :150], **cache_kwarg(model, full))
+        model(ids[:, :150], **cache_kwarg(model, cache))
+        model(ids[:, 150:151], **cache_kwarg(model, cache))  # applies the pending bulk compaction
     rope = RotaryTable(model.model.rotary_emb, torch.device("cpu"), torch.float32)
     held = cache.length - 1
     for layer in range(8):
