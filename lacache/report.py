@@ -15,6 +15,8 @@ figures, plus ``<out>/index.md`` with all of them on one page:
   over the windows both runs streamed, and the PPL-vs-tokens figure.
 * ``bench``: ``python -m lacache.bench`` records: the speed/memory table and KV memory and decode
   tokens/s against context length.
+* ``lm_eval``: ``task=lm_eval`` records: per group of runs of the same lm-eval tasks, one table per
+  lm-eval task with its metrics and lm-eval's own stderrs (not bootstrapped here).
 
 Which result a record belongs to: ``config.paper.experiment`` (set by ``configs/experiment/paper_*``)
 or, for a record made without an experiment config, its task. Within a result there is one table per
@@ -55,11 +57,13 @@ SEED = 0
 LEVEL = 0.95
 POLICY_ORDER = ("full", "streamingllm", "h2o", "lacache")
 POLICY_NAMES = {"FullCachePolicy": "full", "StreamingLLMPolicy": "streamingllm", "H2OPolicy": "h2o", "LaCachePolicy": "lacache"}
-TASK_NAMES = {"RulerTask": "ruler", "LongBenchTask": "longbench", "NeedleTask": "niah", "PerplexityTask": "ppl"}
+TASK_NAMES = {"RulerTask": "ruler", "LongBenchTask": "longbench", "NeedleTask": "niah", "PerplexityTask": "ppl",
+              "LmEvalTask": "lm_eval"}
 POLICY_FIELDS = ("budget", "span", "overlap", "sink", "heavy_ratio", "layout")
-RESULTS = ("ruler", "longbench", "ablation", "niah", "ppl", "bench")
+RESULTS = ("ruler", "longbench", "ablation", "niah", "ppl", "bench", "lm_eval")
 TITLES = {"ruler": "RULER", "longbench": "LongBench", "ablation": "LaCache span × overlap ablation",
-          "niah": "Needle in a haystack", "ppl": "Streaming perplexity", "bench": "Speed and memory"}
+          "niah": "Needle in a haystack", "ppl": "Streaming perplexity", "bench": "Speed and memory",
+          "lm_eval": "lm-evaluation-harness tasks"}
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -106,6 +110,8 @@ def ids_from_identity(record: dict) -> dict:
         ids.update(context_lengths=",".join(map(str, lengths)), num_samples=task.get("num_samples"))
     elif name == "ppl":
         ids.update(dataset=task.get("dataset"), num_tokens=task.get("num_tokens"))
+    elif name == "lm_eval":
+        ids.update(tasks=",".join(_names(task.get("tasks"))), limit=task.get("limit"), num_fewshot=task.get("num_fewshot"))
     if name in ("ruler", "longbench", "niah"):
         ids["compress"] = task.get("compress", "prompt")
     return ids
@@ -762,8 +768,54 @@ def bench_section(frame, out: Path) -> Section:
                    "side): KV-cache memory and decode speed against the context length.", blocks)
 
 
+LM_EVAL_GROUP = ("tasks", "limit", "num_fewshot")
+LM_EVAL_PREFIX = "metrics.lm_eval/"
+
+
+def lm_eval_metrics(rows: list[dict]) -> dict[str, list[str]]:
+    """lm-eval task -> its metrics (stderrs aside), in a fixed order, from ``metrics.lm_eval/<task>/<metric>`` columns."""
+    found: dict[str, list[str]] = {}
+    for column in sorted({c for r in rows for c in r if c.startswith(LM_EVAL_PREFIX)}):
+        task, metric = column[len(LM_EVAL_PREFIX):].rsplit("/", 1)
+        if "_stderr" not in metric.split(",")[0]:
+            found.setdefault(task, []).append(metric)
+    return found
+
+
+def _stderr_name(metric: str) -> str:
+    name, comma, filter_name = metric.partition(",")
+    return f"{name}_stderr{comma}{filter_name}"
+
+
+def lm_eval_section(frame, out: Path) -> Section:
+    """Per model and group of runs of the same lm-eval tasks (limit, few-shot): a table per lm-eval task,
+    one row per run, each metric as lm-eval reported it with its stderr."""
+    blocks: list = []
+    for key, rows in _groups(_rows(frame, "lm_eval"), LM_EVAL_GROUP):
+        where = _describe(key, LM_EVAL_GROUP)
+        labels = _labels(rows, ("seed",))
+        for task, metrics in (lm_eval_metrics(rows) or {str(key[1]): ["result"]}).items():  # no run has results: notes only
+            table = Table(f"lm-eval {task}: {where}", ["run"] + metrics, [], label=slug("lm_eval", task, *key),
+                          caption="lm-eval's metrics ± its stderr; — missing.")
+            for row, text in zip(rows, labels):
+                note = status_note(row)
+                cells = [Cell(text=text)]
+                for metric in metrics:
+                    value = _value(row.get(f"{LM_EVAL_PREFIX}{task}/{metric}"))
+                    stderr = _value(row.get(f"{LM_EVAL_PREFIX}{task}/{_stderr_name(metric)}"))
+                    if value is None:
+                        cells.append(Cell(note=None if note is None else table.note(note)))
+                    else:
+                        cells.append(Cell(text=f"{value:.4g}" + ("" if stderr is None else f" ± {stderr:.2g}")))
+                table.rows.append(cells)
+            blocks.append(table)
+    return Section("lm_eval", TITLES["lm_eval"], "Runs of `task=lm_eval`: lm-evaluation-harness tasks with every "
+                   "request through the cache policy (a fresh cache per request). Values and stderrs are lm-eval's "
+                   "own; its per-task versions and config hashes are in each record's `lm_eval_tasks` curve.", blocks)
+
+
 BUILDERS = {"ruler": ruler_section, "longbench": longbench_section, "ablation": ablation_section,
-            "niah": niah_section, "ppl": ppl_section, "bench": bench_section}
+            "niah": niah_section, "ppl": ppl_section, "bench": bench_section, "lm_eval": lm_eval_section}
 
 
 def build(frame, out: str | Path) -> list[Section]:

@@ -160,6 +160,9 @@ class PolicyLM(HFLM):
                     f"lm-eval task {instance.task_name!r} asks for sampling (do_sample=true, {gen_kwargs}); "
                     "task=lm_eval decodes greedily through the cache policy"
                 )
+            if max_gen_toks >= self.max_length:
+                raise ValueError(f"lm-eval task {instance.task_name!r}: max_gen_toks={max_gen_toks} leaves no room for a context "
+                                 f"within max_length={self.max_length}; raise task.max_length")
             ids, _ = self.tok_batch_encode([context], left_truncate_len=self.max_length - max_gen_toks, truncation=self.truncation)
             ids = ids[0]
             out = gen.generate(self.model, self.tokenizer, self.policy, ids, max_gen_toks, stop_strings=until,

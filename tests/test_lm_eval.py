@@ -7,6 +7,7 @@ import math
 import pytest
 
 from conftest import ROOT, tiny_llama
+from lacache import report
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.tasks.base import TaskConfigError
@@ -143,6 +144,18 @@ def test_cli_writes_a_record_with_lm_evals_metrics(tiny_model_dir, tmp_path):
     assert all(len(s["requests"]) == 4 for s in mc)  # one loglikelihood request per choice, each measured
     assert record["stats"]["kv_entries_read_max"] <= max(r["context_tokens"] for s in mc for r in s["requests"]) // 2
     assert record["ids"]["tasks"] == "lacache_qa,lacache_mc" and "lm_eval/lacache_mc/acc=" in result.stdout
+
+    # the report: a table per lm-eval task, lm-eval's values ± stderrs, a skipped run as a noted row
+    skipped = {k: record[k] for k in ("schema", "config", "identity", "seed")}
+    skipped["identity"]["cache"]["budget"] = 0.25
+    skipped.update(key="0" * 64, status="skipped", reason="TaskConfigError: could not load lm-eval task(s)")
+    (tmp_path / "records" / f"{skipped['key']}.json").write_text(json.dumps(skipped))
+    report.render(tmp_path, tmp_path / "reports")
+    text = (tmp_path / "reports" / "lm_eval.md").read_text()
+    mc = record["metrics"]
+    assert "**lm-eval lacache_mc: tiny · tasks lacache_qa,lacache_mc · limit 2**" in text
+    assert f"| {mc['lm_eval/lacache_mc/acc']:.4g} ± {mc['lm_eval/lacache_mc/acc_stderr']:.2g} |" in text
+    assert "| lacache (budget 0.25, S=2, O=0) | —¹ | —¹ |" in text and "skipped: TaskConfigError: could not load" in text
 
 
 @pytest.mark.slow
