@@ -37,7 +37,7 @@ test-fast: setup ## unit tests only (skips the tests that load the real SmolLM2)
 
 bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU); records in runs/records, plot in reports/bench.png
 	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 256 2048 --steps 48 \
-	  --policies full streamingllm h2o lacache lacache_reference --decode eager graph
+	  --policies full streamingllm h2o snapkv tova pyramidkv lacache lacache_reference --decode eager graph
 
 ladder: setup ## draw the ladder (kept positions per layer) to reports/ladder.png
 	$(PY) -m lacache.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --sink 4 --tokens 600 --out reports/ladder.png

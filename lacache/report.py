@@ -55,7 +55,7 @@ MISSING = "—"
 RESAMPLES = 2000
 SEED = 0
 LEVEL = 0.95
-POLICY_ORDER = ("full", "streamingllm", "h2o", "lacache")
+POLICY_ORDER = ("full", "streamingllm", "h2o", "snapkv", "tova", "pyramidkv", "lacache")
 POLICY_NAMES = {"FullCachePolicy": "full", "StreamingLLMPolicy": "streamingllm", "H2OPolicy": "h2o", "LaCachePolicy": "lacache"}
 TASK_NAMES = {"RulerTask": "ruler", "LongBenchTask": "longbench", "NeedleTask": "niah", "PerplexityTask": "ppl",
               "LmEvalTask": "lm_eval"}
