@@ -85,6 +85,21 @@ def test_the_question_goes_through_the_compressed_context_and_stays_in_the_cache
     assert fed.starts == [0]  # compress=prompt: one forward of the whole prompt
 
 
+@pytest.mark.parametrize("name,settings", [("h2o", {}), ("lacache", {"span": 4, "overlap": 0, "sink": 1}),
+                                           ("lacache_reference", {"span": 4, "overlap": 0, "sink": 1})])
+def test_each_policy_compresses_the_context_before_the_question(tiny_model, name, settings):
+    from omegaconf import OmegaConf
+
+    from lacache.runner import build
+
+    node = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "cache" / f"{name}.yaml")
+    policy = build(OmegaConf.merge(node, {"budget": 10, **settings}), "cache")
+    policy.check(tiny_model.config)
+    out, fed = run(tiny_model, policy, 4, context_tokens=SPLIT)
+    assert fed.forwards[:2] == [PROMPT[:SPLIT], PROMPT[SPLIT:]] and out.generated_tokens == 4
+    assert fed.starts[1] <= 10  # the question's forward starts from the context compressed to the budget
+
+
 def test_a_fractional_budget_is_a_fraction_of_the_context(tiny_model):
     _, fed = run(tiny_model, StreamingLLMPolicy(budget=0.5, sink=2), 1, context_tokens=SPLIT)
     assert fed.caches[0].budget == int(0.5 * SPLIT) and fed.starts == [0, int(0.5 * SPLIT)]
