@@ -257,12 +257,65 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Every argument checked before anything loads: exit 2 naming the argument, its value and what is allowed
+    (policy settings through the policies' own validation, against the model's config)."""
+    from lacache import models
+    from lacache.ladder import LadderConfigError
+    from lacache.policy import PolicyConfigError
+    from lacache.runner import ConfigError
+
+    for name in ("steps", "chunk", "compact_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    for name in ("budgets", "contexts", "batch"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad:
+            parser.error(f"--{name} {' '.join(map(str, bad))}: every value must be >= 1")
+    try:
+        torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device={args.device!r}: {err}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device={args.device!r} but no CUDA device is available; use --device cpu")
+    model_names = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+    if args.model not in SHAPES and args.model not in model_names:
+        parser.error(f"--model={args.model!r} is not a config in configs/model/ ({', '.join(model_names)}) "
+                     f"nor a random shape ({', '.join(sorted(SHAPES))})")
+    policy_names = sorted(p.stem for p in (CONFIGS / "cache").glob("*.yaml"))
+    unknown = [name for name in args.policies if name not in policy_names]
+    if unknown:
+        parser.error(f"--policies: unknown {unknown}; valid: {', '.join(policy_names)}")
+    try:
+        records.check_writable(args.runs_dir)
+    except OSError as err:
+        parser.error(f"--runs-dir={args.runs_dir!r}: {err}")
+    if args.model in SHAPES:
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**SHAPES[args.model])
+    else:
+        from omegaconf import OmegaConf
+
+        try:
+            spec = models.ModelSpec(**OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")))
+            config = models.load_config(spec)
+        except (ValueError, models.ModelUnavailableError) as err:
+            parser.error(f"--model={args.model!r}: {err}")
+    for name in args.policies:
+        for budget in args.budgets:
+            try:
+                make_policy(name, budget, args).check(config)
+            except (ConfigError, PolicyConfigError, LadderConfigError) as err:
+                parser.error(f"--policies {name} --budgets {budget} (--span {args.span} --overlap {args.overlap}): {err}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help=f"configs/model/<name> or a random shape: {sorted(SHAPES)}")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attn", default="sdpa")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     parser.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "lacache"])
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096])
@@ -278,9 +331,8 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", action="store_true", help="print the top kernels of the graph/fused decode step")
     parser.add_argument("--plot", default="reports/bench.png", help="KV memory and decode speed vs context of this run's points")
     args = parser.parse_args(argv)
+    check_args(parser, args)
     device = torch.device(args.device)
-    for name in args.policies:
-        make_policy(name, args.budgets[0], args)  # unknown names and invalid settings fail before the model loads
     model = load_model(args)
     env = records.environment()
     vocab = model.config.vocab_size

@@ -5,16 +5,23 @@ folder, so a re-run of a sweep finds finished points, and ``runs/`` folders from
 merge with ``python -m lacache.records merge SRC... --into DST``: equal configs share a file name,
 different ones never clash, and where two folders hold the same config an ``ok`` record wins over a
 ``failed``/``skipped`` one (plain ``cp -r`` would let whichever is copied last win).
+
+An ``ok`` record is never replaced by a worse one: a failed or skipped re-run of a finished point is
+kept beside it in ``records/failures/<key>.json``. A file under ``records/`` that is damaged, not a
+record, or a record of another configuration than its name says is reported with its path and
+skipped; where a run needs that name it is moved to ``records/quarantine/`` (never deleted).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import filecmp
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -24,11 +31,38 @@ from pathlib import Path
 
 SCHEMA = 1
 PACKAGES = ("lacache", "torch", "transformers", "hydra-core", "datasets", "wandb", "numpy", "pandas")
+STATUSES = ("ok", "failed", "skipped")
+IDENTITY = ("model", "cache", "task", "seed")
+# Where a run puts its outputs, not what it computes: left out of the key, so a moved runs/ folder
+# keeps its keys (records written before this list existed are still found, see ``legacy_key``).
+NON_IDENTIFYING = {"task": ("artifacts_dir",)}
+FAILURES = "failures"  # records/failures/<key>.json: a failed/skipped re-run of a point whose ok record is kept
+QUARANTINE = "quarantine"  # records/quarantine/: damaged or foreign files found where a point's record belongs
+KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")
+
+
+class BadRecord(ValueError):
+    """A file under records/ that is not a readable lacache record; the message names the file."""
 
 
 def config_key(identity: dict) -> str:
     blob = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def identity(config: dict) -> dict:
+    """What identifies a result: the resolved model, cache, task and seed settings, less ``NON_IDENTIFYING``
+    (JSON-normalised, so a stored identity compares equal to a freshly composed one)."""
+    ident = {name: config.get(name) for name in IDENTITY}
+    for group, keys in NON_IDENTIFYING.items():
+        if isinstance(ident.get(group), dict):
+            ident[group] = {k: v for k, v in ident[group].items() if k not in keys}
+    return json.loads(json.dumps(ident, sort_keys=True, default=str))
+
+
+def legacy_key(config: dict) -> str:
+    """The key of records written while output paths were still part of the identity."""
+    return config_key({name: config.get(name) for name in IDENTITY})
 
 
 def records_dir(runs_dir: str | Path) -> Path:
@@ -39,17 +73,45 @@ def record_path(runs_dir: str | Path, key: str) -> Path:
     return records_dir(runs_dir) / f"{key}.json"
 
 
-def write_record(runs_dir: str | Path, record: dict) -> Path:
-    """Write atomically: a crash mid-write never leaves a truncated record."""
-    path = record_path(runs_dir, record["key"])
+def failure_path(runs_dir: str | Path, key: str) -> Path:
+    return records_dir(runs_dir) / FAILURES / f"{key}.json"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_record(runs_dir: str | Path, record: dict, path: Path | None = None) -> Path:
+    """Write atomically (a crash mid-write never leaves a truncated record), readable like any file the
+    user writes (0666 minus the umask; ``mkstemp`` alone would make it 0600)."""
+    path = path or record_path(runs_dir, record["key"])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")  # never matches *.json
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1, default=_jsonable)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            json.dump(record, f, indent=1, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def check_writable(runs_dir: str | Path) -> None:
+    """Raise ``OSError`` naming the folder now, before a run computes a result it could not store."""
+    folder = records_dir(runs_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".tmp-probe-", suffix=".partial")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(f"the records folder {folder} is not writable ({type(err).__name__}: {err.strerror or err})") from None
 
 
 def _jsonable(value):
@@ -60,28 +122,106 @@ def _jsonable(value):
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+def read_file(path: Path, named: bool = True) -> dict:
+    """A record file's content; ``BadRecord`` (naming the file) if it is not a record (or, with ``named``,
+    not a record named by its key)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise BadRecord(f"{path}: not a readable JSON record ({type(err).__name__}: {err})") from None
+    if not (isinstance(record, dict) and isinstance(record.get("key"), str) and KEY.fullmatch(record["key"])
+            and record.get("status") in STATUSES):
+        raise BadRecord(f"{path}: not a lacache record (a JSON object with a `key` and a `status` in {STATUSES})")
+    if named and path.stem != record["key"]:
+        raise BadRecord(f"{path}: holds the record {record['key']!r} under another name "
+                        "(`python -m lacache.records merge` files a record under its key)")
+    return record
+
+
+def report_bad(err: BadRecord, out=None) -> None:
+    print(f"[lacache] skipped {err}", file=out or sys.stderr, flush=True)
+
+
+def quarantine(path: Path, why: str) -> Path:
+    """Move a damaged or foreign file out of the way into records/quarantine/ (never deleted), and say so."""
+    folder = path.parent / QUARANTINE
+    folder.mkdir(exist_ok=True)
+    target = folder / path.name
+    if target.exists():
+        target = folder / f"{path.stem}.{dt.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}{path.suffix}"
+    os.replace(path, target)
+    print(f"[lacache] moved {path} to {target}: {why}", file=sys.stderr, flush=True)
+    return target
+
+
 def read_record(runs_dir: str | Path, key: str) -> dict | None:
+    """The record under ``key``; ``BadRecord`` if the file is damaged or foreign."""
     path = record_path(runs_dir, key)
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_file(path) if path.exists() else None
+
+
+def trusted_record(runs_dir: str | Path, key: str, ident: dict) -> dict | None:
+    """The record under ``key`` if it is one of the point identified by ``ident``. A damaged file, or a
+    record of another configuration under this name, is quarantined (reported with its path)."""
+    path = record_path(runs_dir, key)
+    if not path.exists():
+        return None
+    try:
+        record = read_file(path)
+    except BadRecord as err:
+        quarantine(path, str(err).split(": ", 1)[1])
+        return None
+    if identity(record.get("identity") or {}) != identity(ident):
+        quarantine(path, "its stored identity (model, cache, task, seed) is not the one its name stands for")
+        return None
+    return record
+
+
+def save(runs_dir: str | Path, record: dict) -> Path:
+    """Store a run's record under its key, but never replace an ``ok`` record by a worse one: a failed or
+    skipped re-run of a finished point goes to records/failures/<key>.json and the ok record stays."""
+    old = trusted_record(runs_dir, record["key"], record["identity"])
+    if old is not None and old.get("status") == "ok" and record["status"] != "ok":
+        path = write_record(runs_dir, record, failure_path(runs_dir, record["key"]))
+        print(f"[lacache] kept the ok record {record_path(runs_dir, record['key'])}; this {record['status']} "
+              f"attempt is stored in {path}", file=sys.stderr, flush=True)
+        return path
+    return write_record(runs_dir, record)
 
 
 def record_files(runs_dir: str | Path = "runs") -> list[Path]:
     return sorted(p for p in records_dir(runs_dir).glob("*.json") if not p.name.startswith("."))
 
 
-def iter_records(runs_dir: str | Path = "runs"):
-    for path in record_files(runs_dir):
-        yield json.loads(path.read_text())
+def iter_records(runs_dir: str | Path = "runs", failures: bool = False):
+    """Every record under ``runs_dir``/records (with ``failures``: also the failed/skipped re-runs kept
+    beside ok records). Damaged or foreign files are reported with their path and skipped."""
+    if not Path(runs_dir).is_dir():
+        raise FileNotFoundError(f"runs folder {runs_dir} does not exist")
+    paths = record_files(runs_dir)
+    if failures:
+        paths += sorted((records_dir(runs_dir) / FAILURES).glob("*.json"))
+    for path in paths:
+        try:
+            yield read_file(path)
+        except BadRecord as err:
+            report_bad(err)
 
 
-def load_records(runs_dir: str | Path = "runs", status: str | None = "ok"):
+def load_records(runs_dir: str | Path = "runs", status: str | None = "ok", failures: bool = False):
     """All records as one pandas DataFrame: one row per run, ids/metrics/stats flattened into columns
     (``policy``, ``budget``, ``task``, ``metrics.ppl``, ``stats.tokens_per_s`` ...); ``curves`` and
-    ``samples`` stay as Python objects in their columns."""
+    ``samples`` stay as Python objects in their columns. ``failures=True`` adds the failed/skipped
+    re-runs kept beside ok records (records/failures/)."""
+    return to_frame(iter_records(runs_dir, failures), status)
+
+
+def to_frame(recs, status: str | None = "ok"):
+    """Records (dicts) as the DataFrame of :func:`load_records`."""
     import pandas as pd
 
     rows = []
-    for rec in iter_records(runs_dir):
+    for rec in recs:
         if status is not None and rec.get("status") != status:
             continue
         row = {"key": rec["key"], "status": rec.get("status"), "reason": rec.get("reason"), "seed": rec.get("seed")}
@@ -140,12 +280,15 @@ def _prefer(new: dict, old: dict) -> bool:
 
 
 def merge(sources: list[str | Path], into: str | Path, out=None) -> dict:
-    """Copy the ``runs/`` folders ``sources`` into ``into``. Records merge by config key (see ``_prefer``);
-    every other file (artifacts, W&B offline runs, Hydra logs) is copied if absent, skipped if identical,
-    and kept as it is in ``into`` (and reported) if a different file has the same name. Symlinks (W&B's
+    """Copy the ``runs/`` folders ``sources`` into ``into``. Records merge by the key they hold, whatever
+    their file name (see ``_prefer``; an ok record's losing failed/skipped rival goes to records/failures/);
+    damaged or foreign files under records/ are reported and skipped (in ``into``: quarantined). Every
+    other file (artifacts, W&B offline runs, Hydra logs) is copied if absent, skipped if identical, and
+    kept as it is in ``into`` (and reported) if a different file has the same name. Symlinks (W&B's
     ``latest-run``) and half-written temporary files are skipped. Never deletes anything."""
     into, out = Path(into), out or sys.stdout
-    counts = dict.fromkeys(("records_added", "records_replaced", "records_kept", "files_copied", "files_same", "clashes"), 0)
+    counts = dict.fromkeys(("records_added", "records_replaced", "records_kept", "bad_records", "files_copied",
+                            "files_same", "clashes"), 0)
     for source in map(Path, sources):
         if not source.is_dir():
             raise FileNotFoundError(f"{source} is not a directory")
@@ -155,16 +298,11 @@ def merge(sources: list[str | Path], into: str | Path, out=None) -> dict:
             if path.is_symlink() or not path.is_file() or path.name.startswith(".tmp-"):
                 continue
             rel = path.relative_to(source)
-            target = into / rel
             if rel.parent == Path("records") and path.suffix == ".json":
-                new = json.loads(path.read_text())
-                old = json.loads(target.read_text()) if target.exists() else None
-                if old is not None and not _prefer(new, old):
-                    counts["records_kept"] += 1
-                    continue
-                write_record(into, new)
-                counts["records_replaced" if old is not None else "records_added"] += 1
-            elif not target.exists():
+                _merge_record(path, into, counts, out)
+                continue
+            target = into / rel
+            if not target.exists():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
                 counts["files_copied"] += 1
@@ -177,6 +315,30 @@ def merge(sources: list[str | Path], into: str | Path, out=None) -> dict:
     return counts
 
 
+def _merge_record(path: Path, into: Path, counts: dict, out) -> None:
+    try:
+        new = read_file(path, named=False)  # a record under another name is filed under its key
+    except BadRecord as err:
+        counts["bad_records"] += 1
+        report_bad(err, out)
+        return
+    target = record_path(into, new["key"])
+    old = None
+    if target.exists():
+        try:
+            old = read_file(target)
+        except BadRecord as err:
+            quarantine(target, str(err).split(": ", 1)[1])
+    if old is not None and not _prefer(new, old):
+        counts["records_kept"] += 1
+        losing = failure_path(into, new["key"])
+        if old["status"] == "ok" and new["status"] != "ok" and not losing.exists():
+            write_record(into, new, losing)
+        return
+    write_record(into, new)
+    counts["records_replaced" if old is not None else "records_added"] += 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lacache.records", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -184,7 +346,10 @@ def main(argv: list[str] | None = None) -> None:
     merge_args.add_argument("sources", nargs="+", metavar="SRC", help="runs/ folders to merge")
     merge_args.add_argument("--into", required=True, metavar="DST", help="the runs/ folder to merge into (created if absent)")
     args = parser.parse_args(argv)
-    merge(args.sources, args.into)
+    try:
+        merge(args.sources, args.into)
+    except FileNotFoundError as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

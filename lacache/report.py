@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from lacache import figures
-from lacache.records import iter_records, load_records
+from lacache.records import iter_records, to_frame
 
 MISSING = "—"
 RESAMPLES = 2000
@@ -131,8 +131,8 @@ def load(runs: str | Path = "runs"):
     read from their config (so a skipped point still has its policy, budget, task settings)."""
     import pandas as pd
 
-    frame = load_records(runs, status=None)
-    raw = {record["key"]: record for record in iter_records(runs)}
+    raw = {record["key"]: record for record in iter_records(runs)}  # damaged/foreign files: reported, skipped
+    frame = to_frame(raw.values(), status=None)
     rows = []
     for row in frame.to_dict("records"):
         record = raw.get(row["key"], {})
@@ -865,6 +865,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs", default="runs", help="a runs/ folder (records under <runs>/records)")
     parser.add_argument("--out", default="reports", help="output folder")
     args = parser.parse_args(argv)
+    if not Path(args.runs).is_dir():
+        parser.exit(2, f"error: --runs={args.runs!r} is not a folder (a runs/ folder holds records/<key>.json)\n")
     files = render(args.runs, args.out)
     for path in files:
         print(f"[report] {path}")

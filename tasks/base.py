@@ -53,6 +53,11 @@ class Task:
     def check(self, model_config, policy: CachePolicy, max_length: int | None) -> None:
         """Validate settings and data availability before the model loads."""
 
+    def prompt_length(self, tokenizer) -> int | None:
+        """Optional: the prompt length in tokens, where the tokenizer alone can tell (the runner then checks a
+        fractional budget's ladder before the weights load); raise ``TaskConfigError`` for unusable data."""
+        return None
+
     def run(self, ctx: RunContext) -> TaskResult:
         raise NotImplementedError
 

@@ -64,14 +64,31 @@ class PerplexityTask(Task):
             raise TaskConfigError("task.dataset=text_file needs task.path=<a text file>")
 
     def check(self, model_config, policy, max_length) -> None:
-        if self.dataset == "text_file" and not Path(self.path).is_file():
+        if self.dataset == "text_file":
+            self._file_text()
+
+    def _file_text(self) -> str:
+        """task.path's text; an error naming the file if it is missing, unreadable, not UTF-8 text or empty."""
+        path = Path(self.path)
+        if not path.is_file():
             raise TaskConfigError(f"task.path={self.path!r} is not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise TaskConfigError(f"task.path={self.path!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        except OSError as err:
+            raise TaskConfigError(f"task.path={self.path!r} cannot be read ({err.strerror or err})") from None
+        if "\x00" in text:
+            raise TaskConfigError(f"task.path={self.path!r} is a binary file (it holds NUL bytes), not text")
+        if not text.strip():
+            raise TaskConfigError(f"task.path={self.path!r} is empty")
+        return text
 
     def text(self) -> str:
         if self.dataset == "pg_essays":
             return essays_text()
         if self.dataset == "text_file":
-            return Path(self.path).read_text(encoding="utf-8")
+            return self._file_text()
         if self.dataset == "wikitext2":
             return _hub_text(self.dataset, self.hub_id or "wikitext", "wikitext-2-raw-v1", "test", None)
         return _hub_text(self.dataset, self.hub_id or "emozilla/pg19-test", None, "test", self.sample if self.sample is not None else 0)
@@ -79,10 +96,12 @@ class PerplexityTask(Task):
     def tokens(self, tokenizer) -> torch.Tensor:
         ids = tokenizer(self.text(), return_tensors="pt").input_ids[0]
         if ids.numel() < self.num_tokens:
-            raise TaskConfigError(
-                f"task.num_tokens={self.num_tokens} but dataset {self.dataset!r} has only {ids.numel()} tokens"
-            )
+            source = f"task.path={self.path!r}" if self.dataset == "text_file" else f"dataset {self.dataset!r}"
+            raise TaskConfigError(f"task.num_tokens={self.num_tokens} but {source} has only {ids.numel()} tokens")
         return ids[: self.num_tokens]
+
+    def prompt_length(self, tokenizer) -> int:
+        return len(self.tokens(tokenizer))
 
     def run(self, ctx: RunContext) -> TaskResult:
         device = input_device(ctx.model)

@@ -17,6 +17,8 @@ class ExplodingPerplexity(PerplexityTask):
     pause_s: float = 0.0
 
     def run(self, ctx):
+        if self.pause_s:
+            print(f"[sweep_tasks] pausing {self.pause_s} s", flush=True)
         time.sleep(self.pause_s)
         if self.explode:
             raise RuntimeError("exploded on purpose (test task)")
