@@ -48,9 +48,11 @@ def test_bench_records_every_policy_and_decode_path(tmp_path):
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 
-def test_bench_rejects_an_unknown_policy_before_loading_a_model(tmp_path):
-    with pytest.raises(SystemExit, match="unknown policy 'nope'; valid: .*lacache_reference"):
+def test_bench_rejects_an_unknown_policy_before_loading_a_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         bench.main(["--model", "tiny-shape", "--policies", "nope", "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "unknown ['nope']; valid:" in err and "lacache_reference" in err
 
 
 # ---------------------------------------------------------------------------------------------- statistics
