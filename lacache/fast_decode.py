@@ -195,9 +195,10 @@ def fuse_linears(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _stack_in_place(params) -> torch.Tensor:
     rows = sum(p.shape[0] for p in params)
+    storage = params[0].untyped_storage().data_ptr()  # one storage: adjacent allocations are not one tensor
     offset, stacked = params[0].data_ptr(), True
     for p in params:
-        stacked &= p.is_contiguous() and p.data_ptr() == offset
+        stacked &= p.is_contiguous() and p.data_ptr() == offset and p.untyped_storage().data_ptr() == storage
         offset += p.numel() * p.element_size()
     if not stacked:
         with torch.no_grad(), torch.inference_mode(False):

@@ -8,6 +8,7 @@ dequantizes it on load (~12-30 s), so the first load saves a safetensors copy in
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import gc
 import importlib.util
 import json
@@ -234,6 +235,34 @@ def _random(spec: ModelSpec):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval(), tokenizer
+
+
+_CLAIMED: list = []  # (gpu index, open lock file) of this process, held for its lifetime
+
+
+def claim_gpu(folder: Path) -> int:
+    """Pin this process to a GPU that no other process holds a claim on in ``folder`` (a joblib worker of
+    ``hydra/launcher=joblib_gpus``; the lock file is released when the process exits). Once per process."""
+    if not _CLAIMED:
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ModelUnavailableError("hydra/launcher=joblib_gpus pins each worker to a GPU, but no CUDA GPU is visible")
+        _CLAIMED.append(_claim(folder, count))
+        torch.cuda.set_device(_CLAIMED[0][0])
+    return _CLAIMED[0][0]
+
+
+def _claim(folder: Path, count: int) -> tuple[int, object]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        handle = open(folder / f".gpu{index}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return index, handle
+    raise RuntimeError(f"all {count} GPUs are held by other workers of this sweep: set hydra.launcher.n_jobs <= {count}")
 
 
 def input_device(model) -> torch.device:

@@ -143,6 +143,16 @@ def in_sweep() -> bool:
         return False
 
 
+def launcher() -> str | None:
+    """The sweep's ``hydra/launcher`` choice (None outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("hydra/launcher")
+    except ValueError:
+        return None
+
+
 def sweep_id() -> str | None:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -303,6 +313,11 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
         started = time.perf_counter()
+        if launcher() == "joblib_gpus":
+            if spec.device != "cuda" or spec.device_map is not None:
+                raise ValueError(f"hydra/launcher=joblib_gpus runs one model per GPU: set model.device=cuda (not "
+                                 f"device={spec.device!r}, device_map={spec.device_map!r})")
+            models.claim_gpu(Path(sweep_id()))
         model, tokenizer = models.load(spec, reuse=in_sweep())  # a sweep's points in one process share one load
         load_s = time.perf_counter() - started
         policy.prepare_model(model)

@@ -85,8 +85,23 @@ def test_fused_step_equals_the_exact_cache(name):
     assert decoder.ring.kernels.step is not None
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
     attn, mlp = model.model.layers[3].self_attn, model.model.layers[3].mlp
-    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.numel() * 4
-    assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.numel() * 4
+    for first, second in ((attn.q_proj, attn.k_proj), (attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+        assert second.weight.untyped_storage().data_ptr() == first.weight.untyped_storage().data_ptr()  # one tensor
+        assert second.weight.data_ptr() == first.weight.data_ptr() + first.weight.numel() * 4
+
+
+def test_fusing_weights_that_only_happen_to_be_adjacent_makes_one_tensor():
+    """Separate allocations can lie back to back (the CUDA caching allocator places them so): that is
+    not one tensor, so the weights are stacked anew (two storages over one numpy buffer stand in for it)."""
+    from lacache.fast_decode import fuse_linears
+
+    buffer = torch.randn(12, 4).numpy()
+    first, second = torch.nn.Linear(4, 6, bias=False), torch.nn.Linear(4, 6, bias=False)
+    first.weight.data, second.weight.data = torch.from_numpy(buffer[:6]), torch.from_numpy(buffer[6:])
+    assert second.weight.data_ptr() == first.weight.data_ptr() + 6 * 4 * 4  # adjacent, separate storages
+    fused, _ = fuse_linears([first, second])
+    assert torch.equal(fused, torch.from_numpy(buffer))
+    assert second.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
 
 
 def test_fusable_names_what_it_cannot_fuse():

@@ -37,3 +37,27 @@ def test_reuse_loads_each_spec_once_and_holds_one_model(tiny_model_dir, monkeypa
     assert loads == ["a", "b", "a"] and len(models._LOADED) == 1
     assert models.load(a)[0] is not held  # reuse=False always loads
     assert loads == ["a", "b", "a", "a"]
+
+
+def test_each_worker_claims_its_own_gpu(tmp_path):
+    """Lock files per GPU: a second claimant (another worker's open file) gets the next GPU, and when
+    every GPU is held the claim fails naming n_jobs; a released claim is taken again."""
+    first, second = models._claim(tmp_path, 2), models._claim(tmp_path, 2)
+    assert (first[0], second[0]) == (0, 1)
+    with pytest.raises(RuntimeError, match="n_jobs <= 2"):
+        models._claim(tmp_path, 2)
+    first[1].close()  # the worker exited
+    assert models._claim(tmp_path, 2)[0] == 0
+
+
+def test_joblib_gpus_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=4"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 4
+    assert str(cfg.hydra.launcher.batch_size) == "1"  # the plugin turns it into an int
