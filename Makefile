@@ -35,6 +35,20 @@ test: setup ## set up, then run the whole test suite (unit tests + real-model in
 test-fast: setup ## unit tests only (skips the tests that load the real SmolLM2)
 	$(PY) -m pytest -q -m "not slow"
 
+COMPAT_VENV        ?= .venv-compat
+TRANSFORMERS_FLOOR ?= 5.4.0
+
+test-compat: setup ## the fast tests against the lowest supported transformers (TRANSFORMERS_FLOOR=5.4.0) in .venv-compat; not part of make test
+	@if [ ! -x $(COMPAT_VENV)/bin/python ]; then \
+	  $$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3 -m venv $(COMPAT_VENV); \
+	  site=$$($(COMPAT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  main=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	  echo "import site; site.addsitedir('$$main')" > $$site/lacache-main-venv.pth; \
+	fi  # .venv's packages (torch, the editable lacache, ...) behind this venv's own: only transformers and its pins differ
+	@$(COMPAT_VENV)/bin/python -m pip install -q "transformers==$(TRANSFORMERS_FLOOR)" 2>&1 | grep -v "dependency\|requires\|is ignored" || true
+	@$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_FLOOR)', transformers.__file__; print('[test-compat] transformers', transformers.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -q -m "not slow"
+
 bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU); records in runs/records, plot in reports/bench.png
 	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 256 2048 --steps 48 \
 	  --policies full streamingllm h2o snapkv tova pyramidkv lacache lacache_reference --decode eager graph
@@ -64,4 +78,4 @@ paper-table-smoke: setup ## every paper experiment's _smoke variant on the embed
 clean: ## remove run outputs (keeps .venv and the model cache)
 	rm -rf runs/records runs/.hydra runs/wandb runs/smoke runs/artifacts reports
 
-.PHONY: help setup demo test test-fast bench ladder paper-table paper-table-smoke clean
+.PHONY: help setup demo test test-fast test-compat bench ladder paper-table paper-table-smoke clean

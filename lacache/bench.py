@@ -180,15 +180,17 @@ def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False,
     return out
 
 
+def mib(value) -> str:
+    """Bytes as MiB for the console table; ``-`` where the cache does not report it."""
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
 def measure_hf_static(model, prompt, steps: int, device) -> dict:
     """transformers' ``generate`` with a ``StaticCache`` (and the automatic compilation ``generate``
     applies to a static cache on a GPU): decode ms/token = (time of ``steps + 1`` new tokens - time
     of 1) / ``steps``, both with the same cache size so that nothing recompiles, after two warm-ups."""
-    import inspect
-
     from transformers import StaticCache
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     size = prompt.shape[1] + steps + 1
 
     def run(new: int) -> float:
@@ -196,7 +198,7 @@ def measure_hf_static(model, prompt, steps: int, device) -> dict:
         sync(device)
         start = time.perf_counter()
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-                       do_sample=False, pad_token_id=0, **{name: cache})
+                       do_sample=False, pad_token_id=0, **cache_kwarg(model, cache))
         sync(device)
         return time.perf_counter() - start
 
@@ -342,8 +344,7 @@ def main(argv=None) -> None:
           f"= {bound_ms:.2f} ms/token", flush=True)
     written = []
     print(f"{'policy':>18} {'budget':>6} {'context':>7} {'batch':>5} {'decode':>9} {'prefill tok/s':>13} {'ms/token':>9} "
-          f"{'x bound':>7} {'compact ms':>10} {'KV MiB':>8} {'peak GiB':>8}", flush=True)
-
+          f"{'x bound':>7} {'compact ms':>10} {'KV prefill MiB':>14} {'KV decode MiB':>13} {'peak GiB':>8}", flush=True)
     for context in args.contexts:
         for batch in args.batch:
             prompt = torch.randint(0, vocab, (batch, context), device=device, generator=torch.Generator(device).manual_seed(0))
@@ -382,7 +383,8 @@ def main(argv=None) -> None:
                         peak = result["peak_device_bytes"]
                         print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>9} "
                               f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} {result['bound_ratio']:>7.2f} "
-                              f"{'-' if compact is None else f'{compact:.3f}':>10} {result['kv_bytes_max'] / 2**20:>8.1f} "
+                              f"{'-' if compact is None else f'{compact:.3f}':>10} "
+                              f"{mib(result.get('kv_bytes_prefill', result.get('kv_bytes_max'))):>14} {mib(result.get('kv_bytes_decode')):>13} "
                               f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8}", flush=True)
 
     if args.plot and written:

@@ -112,15 +112,17 @@ class PerplexityTask(Task):
         nll = torch.empty(n - 1, dtype=torch.float64)
         reset_device_peak(device)
         bar = tqdm(total=n - 1, desc=f"ppl {ctx.policy.name}", unit="tok", disable=not ctx.progress, mininterval=2)
+        total = 0.0
         with torch.inference_mode(), Stopwatch(device) as clock:
             for start in range(0, n - 1, step):
                 end = min(start + step, n - 1)
                 logits = ctx.model(ids[:, start:end], **cache_kwarg(ctx.model, cache), use_cache=True).logits[0].float()
                 targets = ids[0, start + 1 : end + 1]
                 nll[start:end] = (-torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]).double().cpu()
+                if not bar.disable:  # the PPL so far, current whenever the bar is drawn (a running sum: O(1) a step)
+                    total += float(nll[start:end].sum())
+                    bar.set_postfix(ppl=f"{math.exp(total / end):.2f}", refresh=False)
                 bar.update(end - start)
-                if start // step % 50 == 0:
-                    bar.set_postfix(ppl=f"{math.exp(nll[:end].mean()):.2f}")
         bar.close()
         windows = [
             {"end": min(s + self.window, n - 1), "ppl": math.exp(nll[s : s + self.window].mean().item())}
