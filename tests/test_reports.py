@@ -164,6 +164,7 @@ def test_rendering_twice_is_byte_identical(tmp_path):
 
 
 def test_report_cli_on_an_empty_runs_folder(tmp_path):
+    (tmp_path / "runs").mkdir()  # a missing folder is an error (tests/test_robustness.py)
     report.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     assert "No records" in (tmp_path / "out" / "index.md").read_text()
 
