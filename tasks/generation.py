@@ -228,6 +228,15 @@ def _fast_step(decoder):
     return step
 
 
+def _chunks(policy: CachePolicy, cache, count: int, after_compression: bool) -> list[int]:
+    """Sizes of the forwards that feed ``count`` prompt tokens: the policy's prefill chunks; for the
+    tokens after a compressed context (``compress=context``), one at a time when the compression left
+    layers of different lengths (PyramidKV), which one causal mask cannot serve in a multi-token forward."""
+    if after_compression and hasattr(cache, "entries_per_layer") and len(set(cache.entries_per_layer())) > 1:
+        return [1] * count
+    return policy.prefill_chunks(count)
+
+
 def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     hits = [text.find(s) for s in stop_strings if s and s in text]
     return min(hits) if hits else None
@@ -289,9 +298,10 @@ def generate(
     with torch.inference_mode():
         with Stopwatch(device) as prefill_clock:
             start = 0
-            for size in (chunk for part in parts for chunk in policy.prefill_chunks(part)):
-                logits = model(ids[:, start : start + size], **cache_kwarg(model, cache), use_cache=True, **kwargs).logits
-                start += size
+            for i, part in enumerate(parts):
+                for size in _chunks(policy, cache, part, after_compression=i > 0):  # sized once the context ran
+                    logits = model(ids[:, start : start + size], **cache_kwarg(model, cache), use_cache=True, **kwargs).logits
+                    start += size
             token = pick(logits, 0)
         step_fn = _exact_step(model, cache, kwargs, device)
         if policy.decode == "fast":

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import tiny_llama
 from lacache import report
@@ -40,8 +41,10 @@ class Fed:
         self.hook = model.model.embed_tokens.register_forward_hook(self.record)
 
     def record(self, module, args, output):
+        cache = self.caches[-1]
         self.forwards.append(args[0][0].tolist())
-        self.starts.append(self.caches[-1].get_seq_length())
+        held = cache.entries_per_layer() if hasattr(cache, "entries_per_layer") else [cache.get_seq_length()]
+        self.starts.append(max(held))
 
     def close(self):
         self.hook.remove()
@@ -98,6 +101,17 @@ def test_each_policy_compresses_the_context_before_the_question(tiny_model, name
     out, fed = run(tiny_model, policy, 4, context_tokens=SPLIT)
     assert fed.forwards[:2] == [PROMPT[:SPLIT], PROMPT[SPLIT:]] and out.generated_tokens == 4
     assert fed.starts[1] <= 10  # the question's forward starts from the context compressed to the budget
+
+
+def test_the_question_goes_token_by_token_when_compression_left_layers_uneven():
+    class Uneven:
+        def entries_per_layer(self):
+            return [12, 8]
+
+    policy = FullCachePolicy(prefill="chunked", prefill_chunk=4)
+    assert gen._chunks(policy, Uneven(), 6, after_compression=True) == [1] * 6  # e.g. PyramidKV's layer budgets
+    assert gen._chunks(policy, Uneven(), 6, after_compression=False) == [4, 2]
+    assert gen._chunks(policy, DynamicCache(), 6, after_compression=True) == [4, 2]
 
 
 def test_a_fractional_budget_is_a_fraction_of_the_context(tiny_model):
