@@ -338,7 +338,7 @@ def main(argv=None) -> None:
     model = load_model(args)
     env = records.environment()
     vocab = model.config.vocab_size
-    weights, bandwidth = weight_bytes(model), copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**28)
+    weights, bandwidth = weight_bytes(model), copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**26)
     bound_ms = 1000 * weights / bandwidth
     print(f"[lacache] weight-streaming bound: {weights / 1e9:.2f} GB of weights / {bandwidth / 1e9:.0f} GB/s copy bandwidth "
           f"= {bound_ms:.2f} ms/token", flush=True)
@@ -375,6 +375,8 @@ def main(argv=None) -> None:
                                "device": env["cuda_device"] if device.type == "cuda" else env["platform"]}
                         if name == "full":
                             ids["budget"] = None
+                        if args.prefill == "chunked":
+                            ids["prefill_chunk"] = args.chunk  # one record per chunk size
                         key = records.config_key({**ids, "steps": args.steps, "compact_every": args.compact_every})
                         records.write_record(args.runs_dir, {"schema": records.SCHEMA, "key": key, "status": "ok", "ids": ids,
                                                              "config": vars(args), "metrics": {}, "stats": result, "env": env})

@@ -213,3 +213,25 @@ def test_decode_fast_is_refused_where_there_is_no_fast_path():
             policy(budget=64, decode="fast")
     with pytest.raises(PolicyConfigError, match="decode='graph' is not one of"):
         LaCachePolicy(decode="graph")
+
+
+def test_bench_rows_carry_the_bound_and_the_hf_static_anchor(tmp_path):
+    """One bench process: the weight-streaming bound on every row, transformers' generate + StaticCache
+    as the hf-static row, and one record per chunk size of a chunked prefill."""
+    from lacache import bench
+    from lacache.records import load_records
+
+    common = ["--model", "tiny-shape", "--contexts", "96", "--budgets", "32", "--span", "4", "--overlap", "2",
+              "--steps", "3", "--plot", "", "--runs-dir", str(tmp_path)]
+    bench.main(common + ["--policies", "full", "--decode", "fused", "hf-static"])
+    for chunk in ("16", "32"):
+        bench.main(common + ["--policies", "lacache", "--decode", "graph", "--prefill", "chunked", "--chunk", chunk])
+    frame = load_records(tmp_path)
+    assert sorted(frame["decode"]) == ["fused", "graph", "graph", "hf-static"]
+    assert sorted(frame["prefill_chunk"].dropna()) == [16, 32]
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    weights = sum(p.numel() * 4 for p in LlamaForCausalLM(LlamaConfig(**bench.SHAPES["tiny-shape"])).parameters())
+    for _, row in frame.iterrows():
+        assert row["stats.weight_bytes"] == weights and row["stats.decode_ms_per_token"] > 0
+        assert row["stats.bound_ratio"] == pytest.approx(row["stats.decode_ms_per_token"] / row["stats.bound_ms_per_token"])
