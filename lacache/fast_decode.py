@@ -22,6 +22,11 @@ tail of every layer's cache by a few slots on every step. Here neither happens:
   device tensor updated on the device; the host only mirrors the integer schedule of the policy
   (:class:`lacache.kvcache.RingRule`) to choose which captured graph to replay. On CUDA the
   decode step and each compaction size are CUDA graphs; on CPU the same code runs eagerly.
+* **Fused (``fuse=True``).** For Llama-family models the step is written out (:class:`FusedStep`):
+  one q/k/v and one gate/up matrix product per layer over the model's own weights stacked in place,
+  and one compiled kernel per elementwise chain, so that the weight products, which stream at the
+  copy bandwidth, are most of the step (docs/PERFORMANCE.md: 1.27-1.33x the weight-streaming
+  bound on an H200).
 
 Logits equal the exact path's up to floating-point rounding (tests on CPU in fp32, and over 1,000
 bf16 steps with compactions and wraps on a GPU). Decode only (one token per step, batch of equal
