@@ -286,12 +286,11 @@ def test_fraction_budget_below_the_window_fails_clearly():
 
 
 @pytest.mark.slow
-def test_run_py_ppl_with_each_scored_policy(tmp_path):
-    result = run_cli("-m", "task=ppl", "cache=h2o,snapkv,tova,pyramidkv", "cache.budget=64", "task.num_tokens=160",
-                     "threads=1", f"runs_dir={tmp_path}")
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "tova", "pyramidkv"])
+def test_run_py_ppl_with_each_scored_policy(tmp_path, name):
+    result = run_cli("task=ppl", f"cache={name}", "cache.budget=64", "task.num_tokens=160", "threads=1", f"runs_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
-    assert sorted(r["ids"]["policy"] for r in records) == ["h2o", "pyramidkv", "snapkv", "tova"]
-    for record in records:
-        assert record["status"] == "ok" and 5 < record["metrics"]["ppl"] < 200, record["ids"]
-        assert record["stats"]["kv_entries_per_layer_max"] <= 64 + 1
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
+    assert record["status"] == "ok" and record["ids"]["policy"] == name
+    longest = 2 * 64 if name == "pyramidkv" else 64 + 1  # PyramidKV: the first layer keeps up to 2x the mean
+    assert 5 < record["metrics"]["ppl"] < 200 and record["stats"]["kv_entries_per_layer_max"] <= longest
