@@ -8,6 +8,7 @@ one Python file plus one ``configs/cache/<name>.yaml`` whose ``_target_`` names 
 from __future__ import annotations
 
 import functools
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -108,6 +109,14 @@ class CachePolicy:
     def make_cache(self, model: torch.nn.Module, prompt_length: int | None = None) -> Cache:
         """A fresh cache for one sequence (never reuse one across sequences)."""
         raise NotImplementedError
+
+    def new_cache(self, model: torch.nn.Module, prompt_length: int | None = None, max_length: int | None = None) -> Cache:
+        """``make_cache`` for a task: with ``budget_of='max_length'``, a fraction resolves against the task's
+        ``max_length`` when it gives one (LongBench's truncation length: the reference's
+        ``int(budget * max_length)``) instead of the model's ``max_position_embeddings``."""
+        if max_length is None or not self.is_fraction or self.budget_of != "max_length":
+            return self.make_cache(model, prompt_length)
+        return dataclasses.replace(self, budget=self.resolve_budget(max_length=max_length)).make_cache(model, prompt_length)
 
     def prefill_chunks(self, prompt_length: int) -> list[int]:
         """Sizes of the forwards that feed a prompt: one exact pass, or bounded chunks."""

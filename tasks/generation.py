@@ -254,6 +254,7 @@ def generate(
     eos_ids: Iterable[int] | None = None,
     min_new_tokens: int = 0,
     context_tokens: int | None = None,
+    max_length: int | None = None,
 ) -> Generation:
     """Greedy-decode one prompt through a fresh cache of ``policy``.
 
@@ -265,7 +266,9 @@ def generate(
 
     ``context_tokens=k`` (``compress=context``): the policy compresses the first ``k`` prompt tokens
     (its cache and a fractional budget are sized for them), then the other tokens are fed through the
-    compressed cache before decoding; ``None`` compresses the whole prompt.
+    compressed cache before decoding; ``None`` compresses the whole prompt. ``max_length``: the task's
+    max length, which a fractional budget with ``budget_of=max_length`` resolves against
+    (:meth:`~lacache.policy.CachePolicy.new_cache`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -292,7 +295,7 @@ def generate(
         return int(logits.argmax())
 
     reset_device_peak(device)
-    cache = policy.make_cache(model, prompt_length=parts[0])
+    cache = policy.new_cache(model, prompt_length=parts[0], max_length=max_length)
     generated: list[int] = []
     reason, text = "length", None
     with torch.inference_mode():

@@ -3,15 +3,20 @@
 Data, prompts, truncation and metrics are LongBench's official ones (:mod:`lacache.tasks.longbench_data`):
 per sample the official prompt is tokenized, middle-truncated to ``max_length`` tokens (first and
 last halves, decoded and joined, as in ``pred.py``), wrapped in the model's chat template unless the
-dataset is one of ``NO_CHAT_TEMPLATE`` (trec, triviaqa, samsum, lsht, lcc, repobench-p), and
-answered greedily with at most ``MAX_NEW_TOKENS[dataset]`` tokens; samsum also stops at the newline
+dataset is one of ``NO_CHAT_TEMPLATE`` (trec, triviaqa, samsum, lsht, lcc, repobench-p) or
+``chat_template=false`` (official ``build_chat`` formats only the models it names, e.g. "llama2",
+"chatglm", "longchat"; any other model, SmolLM2 or the hub id ``meta-llama/Llama-2-7b-chat-hf``
+that LaCache's pred.py passes, gets the plain prompt), and answered greedily with at most ``MAX_NEW_TOKENS[dataset]`` tokens; samsum also stops at the newline
 token and must produce at least one token first (``pred.py``'s ``eos_token_id=[eos, "\\n"]`` and
 ``min_length``). ``longbench/<dataset>`` is ``eval.py``'s score (0-100, not rounded),
 ``longbench/avg`` the mean over the datasets run; each sample keeps its own score in [0, 1].
 
 ``max_length`` defaults to the model's max length minus the dataset's ``MAX_NEW_TOKENS``, so the
 prompt and its answer fit in the positions the model was trained on (the official per-model
-``model2maxlen`` values leave this room too, e.g. 3500 for Llama-2's 4096).
+``model2maxlen`` values leave this room too, e.g. 3500 for Llama-2's 4096). With the cache's
+``budget_of=max_length``, a fractional budget resolves against this truncation length (LaCache's
+pred.py: ``cache_size = int(budget * max_length)``, so prompts shorter than it are compressed less
+or not at all) instead of the model's position count.
 
 Generation and compression: :mod:`lacache.tasks.generation` (a new cache per sample).
 ``compress=prompt`` (default, the paper's setting) compresses the whole prompt = context + question
@@ -66,6 +71,7 @@ class LongBenchTask(Task):
     limit: int | None = None
     max_length: int | None = None
     compress: str = "prompt"  # prompt | context (see the module docstring)
+    chat_template: bool = True  # false: no chat template for any dataset (official build_chat for a model it does not know)
 
     def __post_init__(self) -> None:
         self.datasets = _dataset_list(self.datasets)
@@ -136,7 +142,7 @@ class LongBenchTask(Task):
             kept = lb.truncate_middle(ids, max_length)
             half = len(kept) // 2
             text = tokenizer.decode(kept[:half], skip_special_tokens=True) + tokenizer.decode(kept[half:], skip_special_tokens=True)
-        use_chat = dataset not in lb.NO_CHAT_TEMPLATE
+        use_chat = self.chat_template and dataset not in lb.NO_CHAT_TEMPLATE
         try:
             ids = gen.build_prompt(tokenizer, text, use_chat)
         except gen.ChatTemplateError as err:
@@ -165,7 +171,7 @@ class LongBenchTask(Task):
                 out = gen.generate(
                     ctx.model, ctx.tokenizer, ctx.policy, prompt, lb.MAX_NEW_TOKENS[dataset],
                     eos_ids=eos, stop_token_ids=stop_tokens, min_new_tokens=1 if stop_tokens else 0,
-                    context_tokens=context_tokens,
+                    context_tokens=context_tokens, max_length=max_length,
                 )
                 generations.append(out)
                 refs = list(record["answers"]) if not isinstance(record["answers"], str) else [record["answers"]]
@@ -195,4 +201,4 @@ class LongBenchTask(Task):
 
     def describe(self) -> dict:
         return {"task": self.name, "datasets": ",".join(self.datasets), "limit": self.limit, "max_length": self.max_length,
-                "compress": self.compress}
+                "compress": self.compress, "chat_template": self.chat_template}

@@ -7,13 +7,17 @@ key is hidden in a long irrelevant text and the model is asked for it::
     <haystack before> The pass key is 52719. Remember it. 52719 is the pass key. <haystack after>
     What is the pass key? The pass key is
 
-Differences from the reference: the haystack is Paul Graham's essays (``lacache.assets.essays_text``,
-whole sentences from a seeded random start) instead of "The grass is green ..." repeated; the
-context length is met in tokens of the model's own tokenizer (prompt + ``max_new_tokens`` fit in
-it, as close as whole sentences allow) instead of a character count; the key is inserted between
-sentences at ``depth`` (fraction of the haystack's sentences before it); the answer is correct when
-the pass key occurs in the generated text as a whole number (the reference: as a substring), and
-``pass_key_digits`` fixes the key's digit count (the reference: 1..99999).
+The reference's own format is a set of options (``paper_niah`` sets them all): ``haystack=repeat``
+(its "The grass is green. ..." sentences; default ``essays``: Paul Graham's essays, whole sentences
+from a seeded random start), ``layout=lines`` (the needle on a line of its own, the prompt's parts
+joined by newlines; default ``inline``: between two sentences), ``pass_key_digits=null`` (a key in
+1..99999; default 5 digits), ``max_new_tokens=answer`` (as many tokens as the answer has, see
+:func:`answer_tokens`; default 16) and ``scoring=substring`` (``gold in prediction``; default
+``number``: the key as a whole number, so "152719" does not count for 52719). Always different: the
+context length is met in tokens of the model's own tokenizer (prompt + ``max_new_tokens`` fit in it,
+as close as whole sentences allow) instead of the reference's character count, and the needle goes
+between whole sentences at ``depth`` (fraction of the haystack's sentences before it) instead of at
+a character offset.
 ``chat_template=true`` puts the prompt (without the final "The pass key is") in the chat template
 and appends "The pass key is" after the generation prompt; the default is the reference's plain prompt.
 
@@ -61,11 +65,17 @@ TASK_DESCRIPTION = (
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key?"
 ANSWER_PREFIX = "The pass key is"
+REPEAT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."  # the reference's
+HAYSTACKS = ("essays", "repeat")
+LAYOUTS = ("inline", "lines")
+SCORINGS = ("number", "substring")
 
 
-@functools.lru_cache(maxsize=1)
-def haystack_sentences() -> tuple[str, ...]:
-    return tuple(" ".join(s.split()) for s in split_sentences(essays_text()))
+@functools.lru_cache(maxsize=2)
+def haystack_sentences(kind: str = "essays") -> tuple[str, ...]:
+    """The haystack's sentences: Paul Graham's essays, or the reference's five repeated sentences."""
+    text = essays_text() if kind == "essays" else REPEAT
+    return tuple(" ".join(s.split()) for s in split_sentences(text))
 
 
 def _rng(*parts) -> random.Random:
@@ -73,9 +83,20 @@ def _rng(*parts) -> random.Random:
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 
-def recovered(pass_key: str, text: str) -> bool:
-    """The pass key occurs in ``text`` as a whole number (not inside a longer one)."""
+def recovered(pass_key: str, text: str, scoring: str = "number") -> bool:
+    """The pass key occurs in ``text`` as a whole number (not inside a longer one), or with
+    ``scoring="substring"`` anywhere in it (the reference's ``gold in prediction``)."""
+    if scoring == "substring":
+        return pass_key in text
     return re.search(rf"(?<!\d){re.escape(pass_key)}(?!\d)", text) is not None
+
+
+def answer_tokens(tokenizer, pass_key: str) -> int:
+    """Tokens to generate for ``max_new_tokens=answer``: the reference's count of the answer
+    (``tokenizer(answer).input_ids``, special tokens included), or, where that is fewer, the count of
+    the key as it continues the prompt (" " + key): SmolLM2 writes the space as a token of its own,
+    so the reference's 5 tokens for a 5-digit key would end one digit short."""
+    return max(len(tokenizer(pass_key).input_ids), len(gen.encode(tokenizer, " " + pass_key)))
 
 
 @dataclass
@@ -87,6 +108,7 @@ class NeedleSample:
     prompt_ids: list[int]
     haystack_sentences: int
     needle_sentence: int  # haystack sentences before the needle
+    max_new_tokens: int
     context_tokens: int | None = None  # leading prompt tokens compressed alone (compress=context)
 
 
@@ -98,8 +120,11 @@ class NeedleTask(Task):
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     num_samples: int = 5
     seed: int = 42
-    pass_key_digits: int = 5
-    max_new_tokens: int = 16
+    pass_key_digits: int | None = 5  # null: the reference's key, 1..99999
+    max_new_tokens: int | str = 16  # or "answer": the answer's token count (answer_tokens), as the reference
+    haystack: str = "essays"  # essays | repeat (the reference's "The grass is green. ..." sentences)
+    layout: str = "inline"  # inline: the needle between sentences | lines: on a line of its own (the reference)
+    scoring: str = "number"  # number: the key as a whole number | substring: the reference's `gold in prediction`
     chat_template: bool = False
     allow_long: bool = False
     artifacts_dir: str = "runs/artifacts"
@@ -122,10 +147,13 @@ class NeedleTask(Task):
             raise TaskConfigError(f"task.depths={self.depths} repeats a depth")
         if int(self.num_samples) != self.num_samples or self.num_samples < 1:
             raise TaskConfigError(f"task.num_samples={self.num_samples} must be a positive integer")
-        if not 1 <= self.pass_key_digits <= 30:
-            raise TaskConfigError(f"task.pass_key_digits={self.pass_key_digits} must be in [1, 30]")
-        if self.max_new_tokens < 1:
-            raise TaskConfigError(f"task.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.pass_key_digits is not None and not 1 <= self.pass_key_digits <= 30:
+            raise TaskConfigError(f"task.pass_key_digits={self.pass_key_digits} must be in [1, 30], or null (1..99999)")
+        if self.max_new_tokens != "answer" and (isinstance(self.max_new_tokens, str) or self.max_new_tokens < 1):
+            raise TaskConfigError(f"task.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1 or 'answer'")
+        for name, valid in (("haystack", HAYSTACKS), ("layout", LAYOUTS), ("scoring", SCORINGS)):
+            if getattr(self, name) not in valid:
+                raise TaskConfigError(f"task.{name}={getattr(self, name)!r} is not one of {valid}")
         gen.check_compress(self.compress)
 
     def check(self, model_config, policy, max_length) -> None:
@@ -134,24 +162,32 @@ class NeedleTask(Task):
     # ------------------------------------------------------------------ data
     def pass_key(self, index: int) -> str:
         rng = _rng(self.seed, index, "key")
+        if self.pass_key_digits is None:
+            return str(rng.randint(1, 99999))
         return str(rng.randint(10 ** (self.pass_key_digits - 1), 10**self.pass_key_digits - 1))
 
     def prompt_ids(self, tokenizer, before: list[str], after: list[str], key: str, context_only: bool = False) -> list[int]:
         """The prompt's token ids; ``context_only``: the same prompt cut after the haystack."""
-        haystack = " ".join([*before, NEEDLE.format(key=key), *after])
+        needle = NEEDLE.format(key=key)
+        if self.layout == "lines":  # the reference's "\n".join([description, before, needle, after, question])
+            body = "\n".join([TASK_DESCRIPTION, " ".join(before), needle, " ".join(after)])
+        else:
+            body = TASK_DESCRIPTION + "\n" + " ".join([*before, needle, *after])
         if context_only:
-            return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}", self.chat_template)
+            return gen.build_prompt(tokenizer, body, self.chat_template)
         if self.chat_template:
-            return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}\n{QUESTION}", True, ANSWER_PREFIX)
-        return gen.build_prompt(tokenizer, f"{TASK_DESCRIPTION}\n{haystack}\n{QUESTION} {ANSWER_PREFIX}", False)
+            return gen.build_prompt(tokenizer, f"{body}\n{QUESTION}", True, ANSWER_PREFIX)
+        return gen.build_prompt(tokenizer, f"{body}\n{QUESTION} {ANSWER_PREFIX}", False)
 
     def build(self, tokenizer, context_length: int, depth: float, index: int, counts: dict) -> NeedleSample:
         """The sample whose prompt, with ``max_new_tokens``, fills ``context_length`` as closely as whole sentences allow."""
-        sentences = haystack_sentences()
+        sentences = haystack_sentences(self.haystack)
         total = len(sentences)
-        start = _rng(self.seed, index, "start").randrange(total)
+        start = _rng(self.seed, index, "start").randrange(total) if self.haystack == "essays" else 0
         key = self.pass_key(index)
-        budget = context_length - self.max_new_tokens
+        max_new = answer_tokens(tokenizer, key) if self.max_new_tokens == "answer" else self.max_new_tokens
+        budget = context_length - max_new
+        limit = total if self.haystack == "essays" else budget  # repeated sentences never run out
 
         def sentence(i: int) -> str:
             return sentences[(start + i) % total]
@@ -166,30 +202,31 @@ class NeedleTask(Task):
 
         def make(k: int, context_only: bool = False) -> list[int]:
             cut = round(depth * k)
-            return self.prompt_ids(tokenizer, [sentence(i) for i in range(cut)], [sentence(i) for i in range(cut, k)], key,
-                                   context_only)
+            resume = cut if self.haystack == "essays" else 0  # the reference's text starts over after the needle
+            return self.prompt_ids(tokenizer, [sentence(i) for i in range(cut)], [sentence(resume + i) for i in range(k - cut)],
+                                   key, context_only)
 
         fixed = len(make(0))
         if fixed > budget:
             raise TaskConfigError(
                 f"niah: context_length={context_length} leaves no room for a haystack (the prompt without one "
-                f"has {fixed} tokens, plus max_new_tokens={self.max_new_tokens})"
+                f"has {fixed} tokens, plus max_new_tokens={max_new})"
             )
         k, used = 0, fixed
-        while k < total and used + count(k) <= budget:  # estimate from per-sentence counts
+        while k < limit and used + count(k) <= budget:  # estimate from per-sentence counts
             used += count(k)
             k += 1
         ids = make(k)
         while len(ids) > budget and k > 0:  # joined text tokenizes a little differently: fix exactly
             k -= 1
             ids = make(k)
-        while k < total:
+        while k < limit:
             longer = make(k + 1)
             if len(longer) > budget:
                 break
             k, ids = k + 1, longer
         split = gen.context_split(ids, make(k, context_only=True)) if self.compress == "context" else None
-        return NeedleSample(context_length, depth, index, key, ids, k, round(depth * k), split)
+        return NeedleSample(context_length, depth, index, key, ids, k, round(depth * k), max_new, split)
 
     def samples(self, tokenizer) -> list[NeedleSample]:
         if self.chat_template and not gen.has_chat_template(tokenizer):
@@ -209,7 +246,7 @@ class NeedleTask(Task):
         records, generations = [], []
         started = time.perf_counter()
         for sample in tqdm(drawn, desc=f"niah {ctx.policy.name}", unit="sample", disable=not ctx.progress):
-            out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, sample.prompt_ids, self.max_new_tokens,
+            out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, sample.prompt_ids, sample.max_new_tokens,
                                context_tokens=sample.context_tokens)
             generations.append(out)
             records.append({
@@ -218,7 +255,7 @@ class NeedleTask(Task):
                 "index": sample.index,
                 "pass_key": sample.pass_key,
                 "prediction": out.text,
-                "score": float(recovered(sample.pass_key, out.text)),
+                "score": float(recovered(sample.pass_key, out.text, self.scoring)),
                 "haystack_sentences": sample.haystack_sentences,
                 **out.record(),
             })
@@ -289,4 +326,5 @@ class NeedleTask(Task):
             "context_lengths": ",".join(map(str, self.context_lengths)),
             "num_samples": self.num_samples,
             "compress": self.compress,
+            "format": f"{self.haystack},{self.layout},{self.scoring}",
         }

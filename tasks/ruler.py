@@ -3,8 +3,11 @@
 Samples come from :mod:`lacache.tasks.ruler_data` (NVIDIA's RULER templates, data and metrics) for the
 model's own tokenizer. Each prompt is RULER's input wrapped as one user message of the model's chat
 template (applied after generation: RULER's niah rewrites 'are' -> 'is' in its template, which would
-mangle a chat system prompt), followed by the task's answer prefix after the generation prompt;
-``chat_template=false`` feeds ``input + answer_prefix`` plainly (RULER's 'base' template).
+mangle a chat system prompt), followed by the task's answer prefix verbatim (its leading space too, as
+RULER's ``prepare.py`` appends it to a model template); ``chat_template=false`` feeds
+``input + answer_prefix`` plainly (RULER's 'base' template). ``fill=max`` grows each haystack as large
+as fits; ``fill=nvidia`` uses RULER's own coarse haystack size (500-word essay steps etc., see
+:func:`lacache.tasks.ruler_data.generate`), so e.g. essay niah at 2K holds ~1.45K tokens as in RULER.
 
 The chat wrapper's tokens count against the haystack, so prompt + ``max_new_tokens`` stays within
 ``context_length`` (RULER's rule, where the model template is part of the generated text); the
@@ -77,10 +80,13 @@ class RulerTask(Task):
     chat_template: bool = True
     allow_long: bool = False
     compress: str = "prompt"  # prompt | context (see the module docstring)
+    fill: str = "max"  # max: haystack as large as fits | nvidia: RULER's coarse haystack size (ruler_data.generate)
 
     def __post_init__(self) -> None:
         self.tasks = _task_list(self.tasks)
         gen.check_compress(self.compress)
+        if self.fill not in ruler_data.FILL_MODES:
+            raise TaskConfigError(f"task.fill={self.fill!r} is not one of {ruler_data.FILL_MODES}")
         if int(self.context_length) != self.context_length or self.context_length < 1:
             raise TaskConfigError(f"task.context_length={self.context_length} must be a positive integer")
         if int(self.num_samples) != self.num_samples or self.num_samples < 1:
@@ -104,7 +110,7 @@ class RulerTask(Task):
         out = {}
         for task in self.tasks:
             try:
-                drawn = ruler_data.generate(task, counter, self.context_length, self.num_samples, self.seed)
+                drawn = ruler_data.generate(task, counter, self.context_length, self.num_samples, self.seed, self.fill)
             except ValueError as err:
                 raise TaskConfigError(f"RULER {task} at context_length={self.context_length}: {err}") from None
             for sample in drawn:
@@ -113,13 +119,10 @@ class RulerTask(Task):
         return out
 
     def prompt_ids(self, tokenizer, sample: ruler_data.RulerSample) -> list[int]:
-        prefix = sample.answer_prefix
+        # the answer prefix verbatim, leading space included, as RULER's prepare.py appends it to the model template
         if self.chat_template:
-            wrapped = gen.apply_chat(tokenizer, sample.input)
-            if wrapped[-1:].isspace():  # "...assistant\n" + "Answer:", not "...assistant\n Answer:"
-                prefix = prefix.lstrip()
-            return gen.encode(tokenizer, wrapped + prefix)
-        return gen.build_prompt(tokenizer, sample.input, False, prefix)
+            return gen.encode(tokenizer, gen.apply_chat(tokenizer, sample.input) + sample.answer_prefix)
+        return gen.build_prompt(tokenizer, sample.input, False, sample.answer_prefix)
 
     def context_tokens(self, tokenizer, sample: ruler_data.RulerSample, prompt: list[int]) -> int | None:
         """Under ``compress=context``, the prompt's leading tokens up to the end of RULER's context."""
@@ -172,4 +175,5 @@ class RulerTask(Task):
             "num_samples": self.num_samples,
             "subtasks": ",".join(self.tasks),
             "compress": self.compress,
+            "fill": self.fill,
         }

