@@ -113,15 +113,16 @@ class RotaryTable:
         out[..., :half].addcmul_(x[..., half:], sin[:, :half], value=-1)
         out[..., half:].addcmul_(x[..., :half], sin[:, half:])
 
-    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[..., m, D]`` rotated to per-slot ``positions`` ``[..., m]`` (each head may differ)."""
-        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, bound: int) -> torch.Tensor:
+        """``x`` ``[..., m, D]`` rotated to per-slot ``positions`` ``[..., m]`` (each head may differ), all
+        below ``bound`` (known on the host: reading the tensor's maximum would wait for the device)."""
+        self._ensure(bound)
         index = positions.long()
         return rotate(x, self.cos[index], self.sin[index])
 
-    def unrotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def unrotate_at(self, x: torch.Tensor, positions: torch.Tensor, bound: int) -> torch.Tensor:
         """Inverse of :meth:`rotate_at` in fp32 (scale removed): the raw key, derived once at insertion."""
-        self._ensure(int(positions.max()) + 1 if positions.numel() else 0)
+        self._ensure(bound)
         index = positions.long()
         return rotate(x.float(), self.ucos32[index], -self.usin32[index]).to(self.dtype)
 
@@ -320,7 +321,7 @@ class CompactingCache(Cache):
         n = self.layer_length(layer) if count is None else count
         raw = self.raw_keys[layer, :, :, :n]
         if self.position_mode == "original":
-            return self.rope.rotate_at(raw, self.positions[layer, :, :, :n])
+            return self.rope.rotate_at(raw, self.positions[layer, :, :, :n], self.seen)
         self.rope._ensure(n)
         return rotate(raw, self.rope.cos[:n], self.rope.sin[:n])
 
@@ -335,8 +336,11 @@ class CompactingCache(Cache):
             )
         positions = self.positions[layer, :, :, n : n + q]
         positions.copy_(torch.arange(self.seen, self.seen + q, device=positions.device, dtype=positions.dtype))
-        inserted = positions if self.position_mode == "original" else torch.arange(n, n + q, device=positions.device)
-        self.raw_keys[layer, :, :, n : n + q] = self.rope.unrotate_at(key_states, inserted)
+        if self.position_mode == "original":
+            raw = self.rope.unrotate_at(key_states, positions, self.seen + q)
+        else:
+            raw = self.rope.unrotate(key_states, n)
+        self.raw_keys[layer, :, :, n : n + q] = raw
         self.values[layer, :, :, n : n + q] = value_states
         if n == 0:
             keys = key_states  # nothing held before: the model's own keys are the whole layer
@@ -349,16 +353,19 @@ class CompactingCache(Cache):
 
     def _begin_forward(self, key_states, value_states) -> None:
         self._settle()
-        if self.pending is not None:
+        compacted = self.pending is not None
+        if compacted:
             self._apply(self.pending)
             self.pending = None
         q = key_states.shape[-2]
         needed = self.length + q
+        fits = max(self.initial_capacity, needed + self.slack)
         if self.raw_keys is None or needed > self.capacity:
             room = q if q < self.initial_capacity else 0  # a prefill chunk: the next one of its size fits too
-            self._allocate(key_states, value_states, max(needed + self.slack, self.initial_capacity + room))
-        elif q == 1 and self.capacity > self.initial_capacity and needed <= self.initial_capacity:
-            self._resize(self.initial_capacity)  # decoding: give a prefill's extra memory back
+            grown = self.capacity * 5 // 4 if q == 1 else 0  # decoding without compaction (SnapKV): amortised growth
+            self._allocate(key_states, value_states, max(fits, self.initial_capacity + room, grown))
+        elif compacted and q == 1 and self.capacity > fits:
+            self._resize(fits)  # decoding after a compaction: give a prefill's extra memory back
 
     def _end_forward(self, q: int) -> None:
         self.length += q
