@@ -9,7 +9,7 @@ key is hidden in a long irrelevant text and the model is asked for it::
 
 The reference's own format is a set of options (``paper_niah`` sets them all): ``haystack=repeat``
 (its "The grass is green. ..." sentences; default ``essays``: Paul Graham's essays, whole sentences
-from a seeded random start), ``layout=lines`` (the needle on a line of its own, the prompt's parts
+from a seeded random start), ``needle=line`` (the needle on a line of its own, the prompt's parts
 joined by newlines; default ``inline``: between two sentences), ``pass_key_digits=null`` (a key in
 1..99999; default 5 digits), ``max_new_tokens=answer`` (as many tokens as the answer has, see
 :func:`answer_tokens`; default 16) and ``scoring=substring`` (``gold in prediction``; default
@@ -67,7 +67,7 @@ QUESTION = "What is the pass key?"
 ANSWER_PREFIX = "The pass key is"
 REPEAT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."  # the reference's
 HAYSTACKS = ("essays", "repeat")
-LAYOUTS = ("inline", "lines")
+NEEDLE_PLACES = ("inline", "line")
 SCORINGS = ("number", "substring")
 
 
@@ -123,7 +123,7 @@ class NeedleTask(Task):
     pass_key_digits: int | None = 5  # null: the reference's key, 1..99999
     max_new_tokens: int | str = 16  # or "answer": the answer's token count (answer_tokens), as the reference
     haystack: str = "essays"  # essays | repeat (the reference's "The grass is green. ..." sentences)
-    layout: str = "inline"  # inline: the needle between sentences | lines: on a line of its own (the reference)
+    needle: str = "inline"  # inline: the needle between two sentences | line: on a line of its own (the reference)
     scoring: str = "number"  # number: the key as a whole number | substring: the reference's `gold in prediction`
     chat_template: bool = False
     allow_long: bool = False
@@ -151,7 +151,7 @@ class NeedleTask(Task):
             raise TaskConfigError(f"task.pass_key_digits={self.pass_key_digits} must be in [1, 30], or null (1..99999)")
         if self.max_new_tokens != "answer" and (isinstance(self.max_new_tokens, str) or self.max_new_tokens < 1):
             raise TaskConfigError(f"task.max_new_tokens={self.max_new_tokens!r} must be an integer >= 1 or 'answer'")
-        for name, valid in (("haystack", HAYSTACKS), ("layout", LAYOUTS), ("scoring", SCORINGS)):
+        for name, valid in (("haystack", HAYSTACKS), ("needle", NEEDLE_PLACES), ("scoring", SCORINGS)):
             if getattr(self, name) not in valid:
                 raise TaskConfigError(f"task.{name}={getattr(self, name)!r} is not one of {valid}")
         gen.check_compress(self.compress)
@@ -169,7 +169,7 @@ class NeedleTask(Task):
     def prompt_ids(self, tokenizer, before: list[str], after: list[str], key: str, context_only: bool = False) -> list[int]:
         """The prompt's token ids; ``context_only``: the same prompt cut after the haystack."""
         needle = NEEDLE.format(key=key)
-        if self.layout == "lines":  # the reference's "\n".join([description, before, needle, after, question])
+        if self.needle == "line":  # the reference's "\n".join([description, before, needle, after, question])
             body = "\n".join([TASK_DESCRIPTION, " ".join(before), needle, " ".join(after)])
         else:
             body = TASK_DESCRIPTION + "\n" + " ".join([*before, needle, *after])
@@ -326,5 +326,5 @@ class NeedleTask(Task):
             "context_lengths": ",".join(map(str, self.context_lengths)),
             "num_samples": self.num_samples,
             "compress": self.compress,
-            "format": f"{self.haystack},{self.layout},{self.scoring}",
+            "format": f"{self.haystack},{self.needle},{self.scoring}",
         }

@@ -314,7 +314,7 @@ def test_niah_reference_format(smollm2):
     1..99999, as many new tokens as the key (+ SmolLM2's space token), a prompt of exactly that room."""
     _, tok = smollm2
     task = NeedleTask(context_lengths=[300], depths=[0.0, 0.5], num_samples=3, pass_key_digits=None,
-                      max_new_tokens="answer", haystack="repeat", layout="lines", scoring="substring")
+                      max_new_tokens="answer", haystack="repeat", needle="line", scoring="substring")
     samples = task.samples(tok)
     for s in samples:
         lines = tok.decode(s.prompt_ids).split("\n")
@@ -328,13 +328,13 @@ def test_niah_reference_format(smollm2):
         assert s.max_new_tokens == len(tok.encode(" " + s.pass_key)) == len(s.pass_key) + 1 > len(tok(s.pass_key).input_ids)
         assert 300 - 10 < len(s.prompt_ids) + s.max_new_tokens <= 300
     assert {s.pass_key for s in samples} != {samples[0].pass_key}
-    assert task.describe()["format"] == "repeat,lines,substring"
+    assert task.describe()["format"] == "repeat,line,substring"
 
 
 def test_niah_scoring_and_errors():
     assert recovered("52719", "The pass key is 52719.") and not recovered("52719", "152719") and not recovered("52719", "5271")
     assert recovered("52719", "152719", "substring") and not recovered("52719", "5271", "substring")
-    for setting, value in (("haystack", "grass"), ("layout", "line"), ("scoring", "exact"), ("max_new_tokens", "key")):
+    for setting, value in (("haystack", "grass"), ("needle", "lines"), ("scoring", "exact"), ("max_new_tokens", "key")):
         with pytest.raises(TaskConfigError, match=f"task.{setting}='{value}'"):
             NeedleTask(**{setting: value})
     with pytest.raises(TaskConfigError, match="depths"):
