@@ -40,14 +40,14 @@ TRANSFORMERS_FLOOR ?= 5.4.0
 
 test-compat: setup ## the fast tests against the lowest supported transformers (TRANSFORMERS_FLOOR=5.4.0) in .venv-compat; not part of make test
 	@if [ ! -x $(COMPAT_VENV)/bin/python ]; then \
-	  $$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3 -m venv $(COMPAT_VENV); \
+	  $$($(PY) -c 'import sys; print(sys.base_prefix)')/bin/python3 -m venv --without-pip $(COMPAT_VENV); \
 	  site=$$($(COMPAT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  main=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	  echo "import site; site.addsitedir('$$main')" > $$site/lacache-main-venv.pth; \
-	fi  # .venv's packages (torch, the editable lacache, ...) behind this venv's own: only transformers and its pins differ
-	@$(COMPAT_VENV)/bin/python -m pip install -q "transformers==$(TRANSFORMERS_FLOOR)" 2>&1 | grep -v "dependency\|requires\|is ignored" || true
+	fi  # .venv's packages (torch, pip, setuptools, the editable lacache, ...) behind this venv's own: transformers and its pins
+	@$(PY) -m pip --python $(COMPAT_VENV)/bin/python install -q "transformers==$(TRANSFORMERS_FLOOR)" 2>&1 | grep -v "dependency\|requires\|is ignored" || true
 	@$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_FLOOR)', transformers.__file__; print('[test-compat] transformers', transformers.__version__)"
-	$(COMPAT_VENV)/bin/python -m pytest -q -m "not slow"
+	$(COMPAT_VENV)/bin/python -m pytest -q -m "not slow" $(COMPAT_ARGS)
 
 bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU); records in runs/records, plot in reports/bench.png
 	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 256 2048 --steps 48 \

@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -170,7 +169,8 @@ def test_wheel_installs_only_lacache_and_its_command_runs(tiny_model_dir, tmp_pa
     python = venv / "bin" / "python"
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    Path(site, "project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # no .pth processing: no -e lacache
+    linked = [p for p in sys.path if p.endswith("site-packages")]  # this venv's (and those it links, e.g. make test-compat's)
+    Path(site, "project-venv.pth").write_text("\n".join(linked) + "\n")  # plain paths: their .pth files (the -e lacache) stay off
     subprocess.run([*pip, "--python", str(python), "install", "-q", "--no-deps", str(wheel)], check=True,
                    capture_output=True, timeout=300)
 
