@@ -71,6 +71,22 @@ def test_model_generate_gives_the_harness_tokens(model, name):
     assert got == want
 
 
+@pytest.mark.parametrize("arch", ["Qwen2", "Mistral"])
+def test_model_generate_gives_the_harness_tokens_on_other_architectures(arch):
+    import transformers
+
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": 50.0})
+    torch.manual_seed(0)
+    other = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    ids = prompt()
+    for name in ("streamingllm", "lacache"):
+        got = hf_generate(other, ids, policy(name).make_cache(other, prompt_length=PROMPT))[0].tolist()
+        assert got == gen.generate(other, LetterTokenizer(), policy(name), ids[0], NEW, eos_ids=()).token_ids, name
+
+
 @pytest.mark.parametrize("name", POLICIES)
 def test_padded_batch_is_refused_by_compressing_caches(model, name):
     ids = prompt(rows=2)
