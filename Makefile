@@ -50,7 +50,7 @@ test-compat: setup ## the fast tests against the lowest supported transformers (
 	$(COMPAT_VENV)/bin/python -m pytest -q -m "not slow" $(COMPAT_ARGS)
 
 bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU); records in runs/records, plot in reports/bench.png
-	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 256 2048 --steps 48 \
+	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 512 2048 --steps 48 \
 	  --policies full streamingllm h2o snapkv tova pyramidkv lacache lacache_reference --decode eager graph
 
 ladder: setup ## draw the ladder (kept positions per layer) to reports/ladder.png
