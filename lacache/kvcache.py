@@ -21,8 +21,8 @@ Memory: buffers grow as needed (a full prefill holds the whole prompt once) and 
 Compaction is lazy: a forward appends its tokens; the policy's :meth:`plan` runs at the first
 question asked after the forward (``get_seq_length``, the next forward), i.e. after every layer's
 attention of that forward ran, so score-based policies see complete scores; the plan is applied
-by the first layer's ``update`` of the next forward. A plain ``model(ids, past_key_values=cache)``
-loop works without any hook.
+by the first layer's ``update`` of the next forward. A plain ``model(ids, **cache_kwarg(model, cache))``
+loop (:mod:`lacache.compat`) works without any hook.
 """
 
 from __future__ import annotations
