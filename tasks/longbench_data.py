@@ -428,14 +428,16 @@ def _prompt_fields(dataset: str, sample: dict) -> dict:
 
 def build_prompt(dataset: str, sample: dict) -> str:
     """Official prompt (``dataset2prompt[dataset].format(**sample)``), before any chat template."""
-    return PROMPTS[dataset].format(**_prompt_fields(dataset, sample))
+    fields = _prompt_fields(dataset, sample)  # checks the dataset name first
+    return PROMPTS[dataset].format(**fields)
 
 
 def prompt_question(dataset: str, sample: dict) -> str:
     """The end of :func:`build_prompt` after the context: what every official prompt puts after
     ``{context}`` (instructions repeated, the question ``input`` where there is one, ``Answer:``).
     ``compress=context`` keeps this part uncompressed."""
-    return PROMPTS[dataset].split("{context}")[-1].format(**_prompt_fields(dataset, sample))
+    fields = _prompt_fields(dataset, sample)  # checks the dataset name first
+    return PROMPTS[dataset].split("{context}")[-1].format(**fields)
 
 
 def truncate_middle(token_ids: Sequence[int], max_length: int) -> list[int]:
