@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from lacache.baselines.attention_scores import ScoredCache, attention_column_sums
-from lacache.kvcache import Plan
+from lacache.kvcache import EvictionRule, Plan
 from lacache.policy import CachePolicy, PolicyConfigError, text_config
 
 
@@ -55,10 +55,14 @@ class HeavyHitterCache(ScoredCache):
     def on_compact(self, plan: Plan) -> None:
         self.move(self.scores, plan)
 
+    def eviction_rule(self) -> EvictionRule:
+        return EvictionRule(budget=self.budget, score="accumulated", protected=self.budget - self.heavy)
+
 
 @dataclass
 class H2OPolicy(CachePolicy):
     name: ClassVar[str] = "h2o"
+    fast_decode: ClassVar[bool] = True
 
     budget: int | float | None = 256
     heavy_ratio: float = 0.5  # share of the budget for heavy hitters; the rest is the recent window

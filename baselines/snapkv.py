@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lacache.baselines.attention_scores import ScoredCache, attention_column_sums
-from lacache.kvcache import Plan
+from lacache.kvcache import EvictionRule, Plan
 from lacache.policy import CachePolicy, PolicyConfigError, text_config
 
 POOLINGS = ("max", "avg")
@@ -103,10 +103,18 @@ class SnapKVCache(ScoredCache):
         self.due_now = [None] * self.num_layers
         return pack_plan(kept)
 
+    def eviction_rule(self) -> EvictionRule | None:
+        """Decode after the prompt only appends (``decode_budget=None``); a stream or a decode budget compresses
+        with the pooled window rule, which only the exact path runs."""
+        if self.prompt_length is None or self.decode_budget is not None or self.seen < self.prompt_length:
+            return None
+        return EvictionRule(budget=None)
+
 
 @dataclass
 class SnapKVPolicy(CachePolicy):
     name: ClassVar[str] = "snapkv"
+    fast_decode: ClassVar[bool] = True
 
     budget: int | float | None = 256
     window: int = 32  # newest queries that score the prompt (kept as well)
@@ -124,6 +132,9 @@ class SnapKVPolicy(CachePolicy):
             raise PolicyConfigError(f"kernel={self.kernel} must be an odd number >= 1 (a pooling that keeps the length)")
         if self.pooling not in POOLINGS:
             raise PolicyConfigError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        if self.decode_budget is not None and self.decode == "fast":
+            raise PolicyConfigError(f"decode=fast needs decode_budget=null (got {self.decode_budget}): compressing again "
+                                    "during decode runs on the exact path only")
         if self.decode_budget is not None and self.decode_budget < 1:
             raise PolicyConfigError(f"decode_budget={self.decode_budget} must be >= 1 (or null: no compression in decode)")
         if not self.is_fraction:

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from lacache.baselines.attention_scores import ScoredCache, attention_column_sums
-from lacache.kvcache import Plan
+from lacache.kvcache import EvictionRule, Plan
 from lacache.policy import CachePolicy, PolicyConfigError, text_config
 
 
@@ -49,10 +49,14 @@ class TOVACache(ScoredCache):
         self.weights = [None] * self.num_layers
         return Plan(start=0, index=index, new_length=self.budget)
 
+    def eviction_rule(self) -> EvictionRule:
+        return EvictionRule(budget=self.budget, score="last")
+
 
 @dataclass
 class TOVAPolicy(CachePolicy):
     name: ClassVar[str] = "tova"
+    fast_decode: ClassVar[bool] = True
 
     budget: int | float | None = 256
 

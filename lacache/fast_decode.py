@@ -73,13 +73,10 @@ def ring_scores(query, key, value, is_tail, valid, shift_cos, shift_sin, scaling
 
 def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The attention implementation the decode step switches to (registered as ``lacache_ring``)."""
-    ring: RingCache = module.lacache_ring
     if query.shape[2] != 1:
         raise ValueError("the ring decode path runs one token per step; prefill goes through the exact cache")
-    layer = module.layer_idx
-    out = ring.kernels.scores(query, key, value, ring.is_tail[layer], ring.valid[layer], ring.shift_cos, ring.shift_sin,
-                              float(scaling if scaling is not None else module.scaling))
-    return out, None
+    scaling = float(scaling if scaling is not None else module.scaling)
+    return module.lacache_ring.attend(module.layer_idx, query, key, value, scaling), None
 
 
 def claim_slot(slot, valid, is_tail, slot_of, origin, n, T, seen, position_ids, ucos32, usin32, inv_freq, dtype):
@@ -294,6 +291,8 @@ def _register() -> None:
 class RingCache(Cache):
     """Physical-slot storage of a converted compacting (or full) cache; see the module docstring."""
 
+    compacts = True  # GraphDecoder.settle applies the policy's merges between steps
+
     def __init__(self, model, source, rebase_every: int = 4096, room: int = 0, slack: int = 8, fuse: bool = False):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = config.num_hidden_layers
@@ -358,6 +357,15 @@ class RingCache(Cache):
         self.n += 1
         self.T += 1
         self.seen += 1
+
+    def attend(self, layer: int, query, key, value, scaling: float) -> torch.Tensor:
+        return self.kernels.scores(query, key, value, self.is_tail[layer], self.valid[layer], self.shift_cos,
+                                   self.shift_sin, scaling)
+
+    def advance(self) -> None:
+        """After a step, on the host: one more slot held, one more step since the last rebase."""
+        self.host_n += 1
+        self.host_T += 1
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         index = self.slot[layer_idx : layer_idx + 1]
@@ -466,7 +474,14 @@ class GraphDecoder:
                  rebase_every: int = 4096, fuse: bool = False):
         _register()
         self.model = model
-        self.ring = RingCache(model, cache, rebase_every=rebase_every, room=max_new_tokens, fuse=fuse)
+        rule = cache.eviction_rule() if isinstance(cache, CompactingCache) else None
+        if rule is not None:  # H2O, TOVA, SnapKV, PyramidKV: eviction inside the step (plain kernels, no fusing)
+            from lacache.eviction_decode import EvictionRing
+
+            self.ring = EvictionRing(model, cache, rule, room=max_new_tokens)
+            self.ring.kernels = Kernels(model, fuse=False)
+        else:
+            self.ring = RingCache(model, cache, rebase_every=rebase_every, room=max_new_tokens, fuse=fuse)
         self.ids = next_ids.clone()
         self.position_ids = torch.zeros_like(self.ids)
         self.graphs = (self.ids.device.type == "cuda") if graphs is None else graphs
@@ -529,6 +544,8 @@ class GraphDecoder:
     def settle(self) -> None:
         """Apply the merges (and any wrap or rebase) due after the last step; ``step`` calls it first."""
         ring = self.ring
+        if not ring.compacts:
+            return
         segments = ring.pending_segments() or ()
         if not segments and ring.host_T - ring.host_n < ring.rebase_every:
             return
@@ -573,6 +590,5 @@ class GraphDecoder:
                 self.step_graph, self.logits = self._capture(self._forward)
             self.step_graph.replay()
             logits = self.logits
-        ring.host_n += 1
-        ring.host_T += 1
+        ring.advance()
         return logits

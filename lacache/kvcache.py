@@ -71,6 +71,20 @@ class RingRule:
     plan: Callable[[int], Sequence | None]
 
 
+@dataclass
+class EvictionRule:
+    """A policy's decode in the terms of the fast decode path for evicting policies
+    (:mod:`lacache.eviction_decode`): after each step's attention, a layer holding more than
+    ``budget`` entries drops one, the lowest-scored (``score``: ``"accumulated"``: the attention
+    every query paid it, per KV head, H2O; ``"last"``: the step's own attention summed over the
+    layer's heads, one choice per layer, TOVA); the newest ``protected`` entries are never dropped.
+    ``budget=None``: decode only appends (SnapKV, PyramidKV after the prompt)."""
+
+    budget: int | None = None
+    score: str = "none"  # none | accumulated | last
+    protected: int = 0
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x`` rotated by the angles of ``cos``/``sin`` (rotate_half convention; ``-sin`` rotates back)."""
     half = x.shape[-1] // 2
@@ -237,6 +251,10 @@ class CompactingCache(Cache):
 
     def ring_rule(self) -> RingRule | None:
         """The policy as merges for the fast decode path; ``None``: exact decode only."""
+        return None
+
+    def eviction_rule(self) -> EvictionRule | None:
+        """The policy's decode for the evicting fast path (:mod:`lacache.eviction_decode`); ``None``: none."""
         return None
 
     # ------------------------------------------------------------------ transformers Cache API

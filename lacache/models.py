@@ -240,29 +240,32 @@ def _random(spec: ModelSpec):
 _CLAIMED: list = []  # (gpu index, open lock file) of this process, held for its lifetime
 
 
-def claim_gpu(folder: Path) -> int:
-    """Pin this process to a GPU that no other process holds a claim on in ``folder`` (a joblib worker of
-    ``hydra/launcher=joblib_gpus``; the lock file is released when the process exits). Once per process."""
+def claim_gpu(folder: Path, per_gpu: int = 1) -> int:
+    """Pin this process to a GPU on which fewer than ``per_gpu`` other processes hold a claim in ``folder``
+    (a joblib worker of ``hydra/launcher=joblib_gpus``; the lock file is released when the process exits).
+    Workers fill the GPUs in turn (one on each, then a second on each, ...). Once per process."""
     if not _CLAIMED:
         count = torch.cuda.device_count()
         if count == 0:
             raise ModelUnavailableError("hydra/launcher=joblib_gpus pins each worker to a GPU, but no CUDA GPU is visible")
-        _CLAIMED.append(_claim(folder, count))
+        _CLAIMED.append(_claim(folder, count, per_gpu))
         torch.cuda.set_device(_CLAIMED[0][0])
     return _CLAIMED[0][0]
 
 
-def _claim(folder: Path, count: int) -> tuple[int, object]:
+def _claim(folder: Path, count: int, per_gpu: int = 1) -> tuple[int, object]:
     folder.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        handle = open(folder / f".gpu{index}.lock", "w")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            continue
-        return index, handle
-    raise RuntimeError(f"all {count} GPUs are held by other workers of this sweep: set hydra.launcher.n_jobs <= {count}")
+    for slot in range(per_gpu):
+        for index in range(count):
+            handle = open(folder / (f".gpu{index}.lock" if slot == 0 else f".gpu{index}.{slot}.lock"), "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            return index, handle
+    raise RuntimeError(f"all {count} GPUs hold {per_gpu} worker(s) of this sweep each: set hydra.launcher.n_jobs <= "
+                       f"{count * per_gpu} (or raise workers_per_gpu)")
 
 
 def input_device(model) -> torch.device:

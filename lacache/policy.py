@@ -54,7 +54,10 @@ class CachePolicy:
         if self.decode not in DECODE_MODES:
             raise PolicyConfigError(f"decode={self.decode!r} is not one of {DECODE_MODES}")
         if self.decode == "fast" and not self.fast_decode:
-            raise PolicyConfigError(f"decode=fast is not available for {self.name}; it is for full, streamingllm and lacache")
+            raise PolicyConfigError(
+                f"decode=fast is not available for {self.name}; it is for full, streamingllm, lacache, h2o, tova, "
+                "snapkv and pyramidkv"
+            )
         if self.budget_of not in ("prompt", "max_length"):
             raise PolicyConfigError(f"budget_of={self.budget_of!r} is not one of ('prompt', 'max_length')")
         if self.prefill_chunk < 1:

@@ -60,8 +60,11 @@ class Settings:
     rerun: bool = False
     progress: bool = True
     threads: int | None = None
+    workers_per_gpu: int = 1
 
     def __post_init__(self) -> None:
+        if self.workers_per_gpu < 1:
+            raise ConfigError(f"workers_per_gpu={self.workers_per_gpu} must be >= 1 (joblib_gpus workers sharing one GPU)")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads={self.threads} must be >= 1 (torch CPU threads), or null for torch's default")
 
@@ -317,7 +320,7 @@ def _run(cfg: DictConfig) -> tuple[dict, str]:
             if spec.device != "cuda" or spec.device_map is not None:
                 raise ValueError(f"hydra/launcher=joblib_gpus runs one model per GPU: set model.device=cuda (not "
                                  f"device={spec.device!r}, device_map={spec.device_map!r})")
-            models.claim_gpu(Path(sweep_id()))
+            models.claim_gpu(Path(sweep_id()), settings.workers_per_gpu)
         model, tokenizer = models.load(spec, reuse=in_sweep())  # a sweep's points in one process share one load
         load_s = time.perf_counter() - started
         policy.prepare_model(model)

@@ -69,6 +69,9 @@ class _CountingWrapper:
         return [0] * self.extra + list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
+_DRAWN: dict = {}  # RulerTask.samples of this process: {settings key: (tokenizer, samples)}
+
+
 @dataclass
 class RulerTask(Task):
     name: ClassVar[str] = "ruler"
@@ -98,6 +101,17 @@ class RulerTask(Task):
     # ------------------------------------------------------------------ data
     def samples(self, tokenizer) -> dict[str, list[tuple[ruler_data.RulerSample, list[int]]]]:
         """Per task: (RULER sample, prompt token ids), the prompt fitting ``context_length`` with its answer.
+
+        Drawn once per process for the same tokenizer and data settings: a sweep's points (policies,
+        budgets, compress modes) reuse them, as they are the same samples (~10-20 s per 300 at 2K)."""
+        key = (id(tokenizer), tuple(self.tasks), self.context_length, self.num_samples, self.seed, self.fill, self.chat_template)
+        if key not in _DRAWN:
+            _DRAWN.clear()  # one set of samples at a time: a sweep runs its points for one data setting together
+            _DRAWN[key] = (tokenizer, self._draw(tokenizer))  # the tokenizer is held so that its id stays its own
+        return _DRAWN[key][1]
+
+    def _draw(self, tokenizer) -> dict[str, list[tuple[ruler_data.RulerSample, list[int]]]]:
+        """:meth:`samples`, computed.
 
         The chat wrapper's tokens count against the length: RULER sizes the haystack with a token
         counter that adds them, while ``context_length`` itself (which also picks cwe's repetitions and

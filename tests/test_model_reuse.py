@@ -61,3 +61,11 @@ def test_joblib_gpus_launcher_config_composes():
         cfg = compose("config", overrides=["hydra/launcher=joblib_gpus", "hydra.launcher.n_jobs=4"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 4
     assert str(cfg.hydra.launcher.batch_size) == "1"  # the plugin turns it into an int
+
+
+def test_several_workers_share_each_gpu_in_turn(tmp_path):
+    """workers_per_gpu=2 on 2 GPUs: claims go 0, 1, 0, 1, then the fifth fails naming n_jobs <= 4."""
+    held = [models._claim(tmp_path, 2, per_gpu=2) for _ in range(4)]
+    assert [gpu for gpu, _ in held] == [0, 1, 0, 1]
+    with pytest.raises(RuntimeError, match="n_jobs <= 4"):
+        models._claim(tmp_path, 2, per_gpu=2)
