@@ -854,6 +854,44 @@ def write(sections: list[Section], out: str | Path, frame=None) -> list[Path]:
     return written + [out / f for s in sections for f in s.figures]
 
 
+BLOCK = re.compile(r"(?P<head><!-- lacache\.report (?P<args>[^>]*?) -->\n)(?P<body>.*?)(?P<tail><!-- /lacache\.report -->)", re.S)
+
+
+def splice(document: str | Path) -> int:
+    """Re-render, in place, the generated blocks of a Markdown document (docs/RESULTS.md): each block
+    ``<!-- lacache.report runs=<folder> section=<result> [level=<n>] -->`` ... ``<!-- /lacache.report -->``
+    becomes that result's section built from the records under ``<folder>/records`` (a path relative
+    to the working directory), with its figures in ``img/<folder name>/`` beside the document. So the
+    document's tables are the records', and only the prose around them is written by hand. Returns the
+    number of blocks."""
+    path = Path(document)
+    frames: dict[str, Any] = {}
+
+    def block(match: re.Match) -> str:
+        args = dict(part.split("=", 1) for part in match["args"].split())
+        runs, name = args.get("runs"), args.get("section")
+        if runs is None or name not in BUILDERS:
+            raise ValueError(f"{path}: a lacache.report block needs runs=<folder> and section=<one of {sorted(BUILDERS)}>, "
+                             f"got {match['args']!r}")
+        if runs not in frames:
+            if not Path(runs).is_dir():
+                raise ValueError(f"{path}: runs={runs!r} is not a folder (relative to {Path.cwd()})")
+            frames[runs] = load(runs)
+        frame, out = frames[runs], path.parent / "img" / Path(runs).name
+        if not len(frame) or name not in set(frame["experiment"].dropna()):
+            return f"{match['head']}No {name} records in {runs}.\n{match['tail']}"
+        section = BUILDERS[name](frame, out)
+        text = section.markdown(level=int(args.get("level", 3)))
+        prefix = Path("img") / Path(runs).name
+        for figure in section.figures:
+            text = text.replace(f"]({figure})", f"]({(prefix / figure).as_posix()})")
+        return f"{match['head']}{text}{match['tail']}"
+
+    text, count = BLOCK.subn(block, path.read_text(encoding="utf-8"))
+    path.write_text(text, encoding="utf-8")
+    return count
+
+
 def render(runs: str | Path = "runs", out: str | Path = "reports") -> list[Path]:
     """Load ``runs`` and write every table and figure into ``out``; returns the files written."""
     frame = load(runs)
@@ -864,7 +902,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Paper tables (Markdown, LaTeX) and figures from run records.")
     parser.add_argument("--runs", default="runs", help="a runs/ folder (records under <runs>/records)")
     parser.add_argument("--out", default="reports", help="output folder")
+    parser.add_argument("--splice", metavar="DOCUMENT", help="instead: re-render the lacache.report blocks of a Markdown "
+                        "document from the records they name (e.g. docs/RESULTS.md)")
     args = parser.parse_args(argv)
+    if args.splice:
+        try:
+            print(f"[report] {args.splice}: {splice(args.splice)} generated blocks")
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"error: {err}\n")
+        return
     if not Path(args.runs).is_dir():
         parser.exit(2, f"error: --runs={args.runs!r} is not a folder (a runs/ folder holds records/<key>.json)\n")
     files = render(args.runs, args.out)

@@ -264,3 +264,30 @@ def test_analysis_notebook_executes(tmp_path):
     for title in ("RULER", "LongBench", "span × overlap", "Needle in a haystack", "Streaming perplexity", "Speed and memory"):
         assert title in outputs, title
     assert "paired differences" in outputs and "shared samples" in outputs and "image/png" in outputs
+
+
+def test_splice_rewrites_only_the_generated_blocks(tmp_path, monkeypatch):
+    """A document's tables come from records: its lacache.report blocks are re-rendered, the prose is kept,
+    figures land beside the document, and a second splice changes nothing."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(RECORDS, tmp_path / "data")  # a runs folder: data/records/<key>.json
+    doc = tmp_path / "docs" / "RESULTS.md"
+    doc.parent.mkdir()
+    doc.write_text("# Results\n\nProse before.\n\n<!-- lacache.report runs=data section=ruler -->\nstale table\n"
+                   "<!-- /lacache.report -->\n\nProse between.\n\n<!-- lacache.report runs=data section=ppl level=2 -->\n"
+                   "<!-- /lacache.report -->\n\nProse after.\n")
+    assert report.splice(doc) == 2
+    text = doc.read_text()
+    assert "stale table" not in text and "Prose before." in text and "Prose between." in text and "Prose after." in text
+    assert "lacache (budget 0.5, S=16, O=0) − streamingllm (budget 0.5) |" in text and "## Streaming perplexity" in text
+    figures = [line for line in text.splitlines() if line.startswith("![")]
+    assert figures and all("](img/data/" in line for line in figures)
+    assert all((doc.parent / line.split("](")[1].rstrip(")")).is_file() for line in figures)
+    first = doc.read_bytes()
+    report.splice(doc)
+    assert doc.read_bytes() == first
+    doc.write_text("<!-- lacache.report runs=data section=nope -->\n<!-- /lacache.report -->\n")
+    with pytest.raises(ValueError, match="section=<one of"):
+        report.splice(doc)
