@@ -7,7 +7,8 @@ compaction ms/step, peak KV bytes and peak process/GPU memory. Each point is a r
 same defaults as ``run.py``), with ``--budgets``/``--span``/... overriding.
 
 Decode paths: ``eager`` runs the model's forward per token on the exact caches (every policy);
-``graph`` runs :mod:`lacache.fast_decode` (full, StreamingLLM, LaCache), CUDA-graph captured on
+``graph`` runs :mod:`lacache.fast_decode` (full, StreamingLLM, LaCache; H2O, TOVA, SnapKV, PyramidKV
+through :mod:`lacache.eviction_decode`, whose eviction is part of the step), CUDA-graph captured on
 a GPU; ``fused`` is ``graph`` with fused projections and elementwise chains
 (:class:`lacache.fast_decode.FusedStep`); ``hf-static`` (full cache only) is the anchor:
 transformers' own ``generate`` with a ``StaticCache`` and its automatic ``torch.compile``, same
@@ -45,7 +46,8 @@ SHAPES = {  # random-weight models: no download needed
                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=65536),
 }
 DECODE_PATHS = ("eager", "graph", "fused", "hf-static")
-GRAPH_POLICIES = ("full", "streamingllm", "lacache")
+GRAPH_POLICIES = ("full", "streamingllm", "lacache")  # the ring path: graph and fused
+EVICTION_POLICIES = ("h2o", "tova", "snapkv", "pyramidkv")  # the eviction path (lacache.eviction_decode): graph only
 
 
 def make_policy(name: str, budget: int, args):
@@ -173,7 +175,7 @@ def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False,
         decoder.close()
     held = decoder.ring.host_n
     out.update(decode_ms_per_token=1000 * seconds / steps, decode_ms_per_token_mean=1000 * seconds / steps,
-               compaction_ms_per_step=1000 * compaction / steps if decoder.ring.rule is not None else None,
+               compaction_ms_per_step=1000 * compaction / steps if decoder.ring.compacts and decoder.ring.rule is not None else None,
                **stats)
     out["kv_entries_per_layer_max"] = max(out.get("kv_entries_per_layer_max", 0), held)
     out["kv_bytes_decode"] = decoder.ring.decode_bytes()  # kv_bytes_max stays the prefill's peak
@@ -353,7 +355,8 @@ def main(argv=None) -> None:
                     if name == "full" and budget != args.budgets[0]:
                         continue  # the full cache has no budget: measure it once per context
                     for path in args.decode:
-                        if (path != "eager" and name not in GRAPH_POLICIES) or (path == "hf-static" and name != "full"):
+                        if (path == "graph" and name not in GRAPH_POLICIES + EVICTION_POLICIES) or \
+                                (path == "fused" and name not in GRAPH_POLICIES) or (path == "hf-static" and name != "full"):
                             continue
                         release(device)
                         policy = make_policy(name, budget, args)

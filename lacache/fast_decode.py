@@ -478,6 +478,9 @@ class GraphDecoder:
         if rule is not None:  # H2O, TOVA, SnapKV, PyramidKV: eviction inside the step (plain kernels, no fusing)
             from lacache.eviction_decode import EvictionRing
 
+            if fuse:
+                raise ValueError(f"fuse=True is for the ring path (full, streamingllm, lacache), not {type(cache).__name__}")
+
             self.ring = EvictionRing(model, cache, rule, room=max_new_tokens)
             self.ring.kernels = Kernels(model, fuse=False)
         else:

@@ -110,6 +110,10 @@ def test_decode_fast_needs_a_prompt_only_snapkv():
         model(ids[:, :40], **cache_kwarg(model, cache))
         with pytest.raises(ValueError, match="no fast decode path"):
             GraphDecoder(model, cache, ids[:, 40:41], graphs=False)
+        scored = H2OPolicy(budget=16).make_cache(model, prompt_length=40)
+        model(ids[:, :40], **cache_kwarg(model, scored))
+        with pytest.raises(ValueError, match="fuse=True is for the ring path"):
+            GraphDecoder(model, scored, ids[:, 40:41], graphs=False, fuse=True)
 
 
 @pytest.mark.cuda
