@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lacache.fast_decode import Kernels
 from lacache.kvcache import CompactingCache, EvictionRule, rotate
 
 SCORES = ("none", "accumulated", "last")
@@ -82,6 +83,7 @@ class EvictionRing(Cache):
         self.rope = source.rope
         self.rope._ensure(max(self.capacity, source.seen + room + 1) + 1)
         self.evictions = 0
+        self.kernels = Kernels(model, fuse=False)  # the model's own modules (GraphDecoder runs them in the step)
 
     # ------------------------------------------------------------------ per step, on the device
     def begin_step(self, position_ids: torch.Tensor) -> None:

@@ -482,7 +482,6 @@ class GraphDecoder:
                 raise ValueError(f"fuse=True is for the ring path (full, streamingllm, lacache), not {type(cache).__name__}")
 
             self.ring = EvictionRing(model, cache, rule, room=max_new_tokens)
-            self.ring.kernels = Kernels(model, fuse=False)
         else:
             self.ring = RingCache(model, cache, rebase_every=rebase_every, room=max_new_tokens, fuse=fuse)
         self.ids = next_ids.clone()
