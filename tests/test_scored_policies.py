@@ -264,8 +264,8 @@ def test_hooks_live_exactly_as_long_as_a_scored_cache():
         (lambda: SnapKVPolicy(budget=64, decode_budget=0), "decode_budget=0 must be >= 1"),
         (lambda: PyramidKVPolicy(budget=64, beta=1), "beta=1 must be > 1"),
         (lambda: TOVAPolicy(budget=None), "tova needs a budget"),
-        (lambda: SnapKVPolicy(budget=64, decode="fast"), "decode=fast is not available for snapkv"),
-        (lambda: TOVAPolicy(budget=64, decode="fast"), "decode=fast is not available for tova"),
+        (lambda: SnapKVPolicy(budget=64, decode_budget=8, decode="fast"), "decode=fast needs decode_budget=null"),
+        (lambda: PyramidKVPolicy(budget=64, decode_budget=8, decode="fast"), "decode=fast needs decode_budget=null"),
     ],
 )
 def test_bad_settings_fail_early(make, message):
