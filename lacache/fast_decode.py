@@ -30,7 +30,9 @@ tail of every layer's cache by a few slots on every step. Here neither happens:
 
 Logits equal the exact path's up to floating-point rounding (tests on CPU in fp32, and over 1,000
 bf16 steps with compactions and wraps on a GPU). Decode only (one token per step, batch of equal
-lengths); prefill runs on the exact path, then :meth:`GraphDecoder.__init__` converts the cache.
+lengths); prefill runs on the exact path, then :meth:`GraphDecoder.__init__` converts the cache:
+to a :class:`RingCache` here, or, for a cache with an eviction rule (H2O, TOVA, SnapKV, PyramidKV),
+to :class:`lacache.eviction_decode.EvictionRing`, which the same graph capture drives.
 """
 
 from __future__ import annotations
