@@ -33,6 +33,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from lacache.fast_decode import Kernels
 from lacache.kvcache import CompactingCache, EvictionRule, rotate
+from lacache.policy import text_config
 
 SCORES = ("none", "accumulated", "last")
 
@@ -45,13 +46,9 @@ class EvictionRing(Cache):
     def __init__(self, model, source: CompactingCache, rule: EvictionRule, room: int = 0, slack: int = 8):
         if rule.score not in SCORES:
             raise ValueError(f"EvictionRule.score={rule.score!r} is not one of {SCORES}")
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.num_layers = config.num_hidden_layers
+        self.num_layers = text_config(model.config).num_hidden_layers
         super().__init__(layers=[DynamicLayer() for _ in range(self.num_layers)])
-        source._settle()
-        if source.pending is not None:
-            source._apply(source.pending)
-            source.pending = None
+        source.apply_pending()
         if source.raw_keys is None:
             raise ValueError("the evicting fast path starts after a prefill: the cache holds nothing yet")
         self.rule, self.shift = rule, source.position_mode == "shift"

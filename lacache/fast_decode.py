@@ -301,10 +301,7 @@ class RingCache(Cache):
         super().__init__(layers=[DynamicLayer() for _ in range(self.num_layers)])
         self.rule = None
         if isinstance(source, CompactingCache):
-            source._settle()
-            if source.pending is not None:
-                source._apply(source.pending)
-                source.pending = None
+            source.apply_pending()
             self.rule = source.ring_rule()
             if self.rule is None:
                 raise ValueError(f"{type(source).__name__} has no fast decode path (only exact decode)")

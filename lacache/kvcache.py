@@ -369,12 +369,18 @@ class CompactingCache(Cache):
             self._end_forward(q)
         return keys, self.values[layer, :, :, : n + q]
 
-    def _begin_forward(self, key_states, value_states) -> None:
+    def apply_pending(self) -> bool:
+        """Make and apply the plan of the last forward now (True if it compacted anything): the cache's
+        buffers then hold exactly what the next forward reads (e.g. before the fast path converts them)."""
         self._settle()
-        compacted = self.pending is not None
-        if compacted:
-            self._apply(self.pending)
-            self.pending = None
+        if self.pending is None:
+            return False
+        self._apply(self.pending)
+        self.pending = None
+        return True
+
+    def _begin_forward(self, key_states, value_states) -> None:
+        compacted = self.apply_pending()
         q = key_states.shape[-2]
         needed = self.length + q
         fits = max(self.initial_capacity, needed + self.slack)
