@@ -36,6 +36,8 @@ IDENTITY = ("model", "cache", "task", "seed")
 # Where a run puts its outputs, not what it computes: left out of the key, so a moved runs/ folder
 # keeps its keys (records written before this list existed are still found, see ``legacy_key``).
 NON_IDENTIFYING = {"task": ("artifacts_dir",)}
+# Settings added after records existed, left out of the key at their default value, so those records keep their keys.
+LATER_DEFAULTS = {"task": {"batch_size": 1}}
 FAILURES = "failures"  # records/failures/<key>.json: a failed/skipped re-run of a point whose ok record is kept
 QUARANTINE = "quarantine"  # records/quarantine/: damaged or foreign files found where a point's record belongs
 KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")
@@ -57,6 +59,9 @@ def identity(config: dict) -> dict:
     for group, keys in NON_IDENTIFYING.items():
         if isinstance(ident.get(group), dict):
             ident[group] = {k: v for k, v in ident[group].items() if k not in keys}
+    for group, defaults in LATER_DEFAULTS.items():
+        if isinstance(ident.get(group), dict):
+            ident[group] = {k: v for k, v in ident[group].items() if k not in defaults or v != defaults[k]}
     return json.loads(json.dumps(ident, sort_keys=True, default=str))
 
 

@@ -81,6 +81,7 @@ class Generation:
     peak_rss_bytes: int
     cache_stats: dict = field(default_factory=dict)
     context_tokens: int | None = None  # prompt tokens compressed before the rest was fed (compress=context)
+    batch_size: int = 1  # rows decoded together (generate_batch); times and KV bytes are this row's share
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
@@ -101,6 +102,7 @@ class Generation:
         return {
             "prompt_tokens": self.prompt_tokens,
             "context_tokens": self.context_tokens,
+            "batch_size": self.batch_size,
             "generated_tokens": self.generated_tokens,
             "stop_reason": self.stop_reason,
             "prefill_s": self.prefill_s,
@@ -209,10 +211,10 @@ def _forward_kwargs(model) -> dict:
 
 
 def _exact_step(model, cache, kwargs: dict, device):
-    """One decode step on the exact cache: the last token in, ``[1, 1, vocab]`` logits out."""
+    """One decode step on the exact cache: each row's last token in, ``[B, 1, vocab]`` logits out."""
 
-    def step(token: int) -> torch.Tensor:
-        ids = torch.tensor([[token]], dtype=torch.long, device=device)
+    def step(tokens: list[int]) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
         return model(ids, **cache_kwarg(model, cache), use_cache=True, **kwargs).logits
 
     return step
@@ -221,8 +223,8 @@ def _exact_step(model, cache, kwargs: dict, device):
 def _fast_step(decoder):
     """One decode step on :mod:`lacache.fast_decode` (``cache.decode=fast``), same contract as :func:`_exact_step`."""
 
-    def step(token: int) -> torch.Tensor:
-        decoder.ids.fill_(token)
+    def step(tokens: list[int]) -> torch.Tensor:
+        decoder.ids.copy_(torch.tensor(tokens, dtype=decoder.ids.dtype)[:, None])
         return decoder.step()[:, None]
 
     return step
@@ -242,11 +244,17 @@ def _find_stop(text: str, stop_strings: Sequence[str]) -> int | None:
     return min(hits) if hits else None
 
 
-def generate(
+def generate(model, tokenizer, policy: CachePolicy, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int,
+             **options) -> Generation:
+    """Greedy-decode one prompt through a fresh cache of ``policy`` (:func:`generate_batch` of one)."""
+    return generate_batch(model, tokenizer, policy, [prompt_ids], max_new_tokens, **options)[0]
+
+
+def generate_batch(
     model,
     tokenizer,
     policy: CachePolicy,
-    prompt_ids: Sequence[int] | torch.Tensor,
+    prompts: Sequence[Sequence[int] | torch.Tensor],
     max_new_tokens: int,
     *,
     stop_strings: Iterable[str] = (),
@@ -255,14 +263,22 @@ def generate(
     min_new_tokens: int = 0,
     context_tokens: int | None = None,
     max_length: int | None = None,
-) -> Generation:
-    """Greedy-decode one prompt through a fresh cache of ``policy``.
+) -> list[Generation]:
+    """Greedy-decode prompts of one length together: one cache of ``policy`` with a row per prompt.
 
-    Stops at an EOS id (``eos_ids``; default: the tokenizer's and the generation config's), at a
-    token of ``stop_token_ids``, or when the decoded answer contains one of ``stop_strings`` (the
-    text is cut before it), or after ``max_new_tokens``. Until ``min_new_tokens`` tokens exist, EOS
-    and stop tokens are masked out (``min_length`` in LongBench's ``generate`` call). EOS / stop
-    tokens are not part of the returned text.
+    Why: a small model's decode step is bound by kernel count, not by rows, so ``B`` rows cost about
+    one; the policies keep and evict per row, so each row's answer is the one it gets alone (logits
+    equal up to the rounding of a larger matrix product). Prompts must have equal lengths (and share
+    ``context_tokens``): the caches share one set of slot positions across the batch, so padding
+    would be attended and mis-positioned.
+
+    Each row stops at an EOS id (``eos_ids``; default: the tokenizer's and the generation config's),
+    at a token of ``stop_token_ids``, or when its decoded answer contains one of ``stop_strings`` (the
+    text is cut before it), or after ``max_new_tokens``; the batch steps until every row stopped.
+    Until ``min_new_tokens`` tokens exist, EOS and stop tokens are masked out (``min_length`` in
+    LongBench's ``generate`` call). EOS / stop tokens are not part of the returned text. Prefill and
+    decode seconds and KV bytes are the batch's shared out over its rows, so per-sample figures and
+    their sums mean the same at any batch size.
 
     ``context_tokens=k`` (``compress=context``): the policy compresses the first ``k`` prompt tokens
     (its cache and a fractional budget are sized for them), then the other tokens are fed through the
@@ -273,9 +289,14 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     device = input_device(model)
-    ids = torch.as_tensor(list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids, dtype=torch.long)
-    ids = ids.reshape(1, -1).to(device)
-    n = ids.shape[1]
+    rows = [torch.as_tensor(list(p) if not isinstance(p, torch.Tensor) else p, dtype=torch.long).reshape(-1) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts")
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise ValueError(f"a batch needs prompts of one length (one set of cache positions); got lengths {lengths}")
+    ids = torch.stack(rows).to(device)
+    batch, n = ids.shape
     if n < 1:
         raise ValueError("empty prompt")
     if context_tokens is not None and not 0 < context_tokens < n:
@@ -287,17 +308,17 @@ def generate(
     stop_strings = [s for s in stop_strings if s]
     kwargs = _forward_kwargs(model)
 
-    def pick(logits: torch.Tensor, produced: int) -> int:
-        logits = logits[0, -1]
+    def pick(logits: torch.Tensor, produced: int) -> list[int]:
+        logits = logits[:, -1]
         if produced < min_new_tokens and enders:
             logits = logits.clone()
-            logits[enders] = -math.inf
-        return int(logits.argmax())
+            logits[:, enders] = -math.inf
+        return logits.argmax(dim=-1).tolist()
 
     reset_device_peak(device)
     cache = policy.new_cache(model, prompt_length=parts[0], max_length=max_length)
-    generated: list[int] = []
-    reason, text = "length", None
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    reasons, texts = ["length"] * batch, [None] * batch
     with torch.inference_mode():
         with Stopwatch(device) as prefill_clock:
             start = 0
@@ -305,49 +326,100 @@ def generate(
                 for size in _chunks(policy, cache, part, after_compression=i > 0):  # sized once the context ran
                     logits = model(ids[:, start : start + size], **cache_kwarg(model, cache), use_cache=True, **kwargs).logits
                     start += size
-            token = pick(logits, 0)
+            tokens = pick(logits, 0)
         step_fn = _exact_step(model, cache, kwargs, device)
         if policy.decode == "fast":
             from lacache.fast_decode import GraphDecoder
 
-            decoder = GraphDecoder(model, cache, torch.tensor([[token]], device=device), max_new_tokens=max_new_tokens)
+            decoder = GraphDecoder(model, cache, torch.tensor(tokens, device=device)[:, None], max_new_tokens=max_new_tokens)
             step_fn = _fast_step(decoder)
+        active = list(range(batch))
         with Stopwatch(device) as decode_clock:
             while True:
-                if token in eos:
-                    reason = "eos"
+                for row in list(active):
+                    token, out = tokens[row], generated[row]
+                    if token in eos or token in stop_tokens:
+                        reasons[row] = "eos" if token in eos else "stop_token"
+                        active.remove(row)
+                        continue
+                    out.append(token)
+                    if stop_strings:
+                        decoded = tokenizer.decode(out, skip_special_tokens=True)
+                        cut = _find_stop(decoded, stop_strings)
+                        if cut is not None:
+                            reasons[row], texts[row] = "stop_string", decoded[:cut]
+                            active.remove(row)
+                            continue
+                    if len(out) >= max_new_tokens:
+                        active.remove(row)
+                if not active:
                     break
-                if token in stop_tokens:
-                    reason = "stop_token"
-                    break
-                generated.append(token)
-                if stop_strings:
-                    decoded = tokenizer.decode(generated, skip_special_tokens=True)
-                    cut = _find_stop(decoded, stop_strings)
-                    if cut is not None:
-                        reason, text = "stop_string", decoded[:cut]
-                        break
-                if len(generated) >= max_new_tokens:
-                    break
-                token = pick(step_fn(token), len(generated))
+                tokens = pick(step_fn(tokens), len(generated[active[0]]))  # every active row holds as many tokens
         if policy.decode == "fast":
             decoder.close()
-    if text is None:
-        text = tokenizer.decode(generated, skip_special_tokens=True)
-    produced = len(generated) + (reason in ("eos", "stop_token"))  # the ending token was generated too
-    return Generation(
-        text=text,
-        token_ids=generated,
-        prompt_tokens=n,
-        generated_tokens=produced,
-        stop_reason=reason,
-        prefill_s=prefill_clock.seconds,
-        decode_s=decode_clock.seconds,
-        peak_device_bytes=device_peak_bytes(device),
-        peak_rss_bytes=peak_rss_bytes(),
-        cache_stats=dict(cache.stats()) if hasattr(cache, "stats") else {},
-        context_tokens=context_tokens,
-    )
+    stats = dict(cache.stats()) if hasattr(cache, "stats") else {}
+    stats = {k: v / batch if k.startswith("kv_bytes") and isinstance(v, (int, float)) else v for k, v in stats.items()}
+    peak = device_peak_bytes(device)
+    return [
+        Generation(
+            text=texts[row] if texts[row] is not None else tokenizer.decode(generated[row], skip_special_tokens=True),
+            token_ids=generated[row],
+            prompt_tokens=n,
+            generated_tokens=len(generated[row]) + (reasons[row] in ("eos", "stop_token")),  # the ending token too
+            stop_reason=reasons[row],
+            prefill_s=prefill_clock.seconds / batch,
+            decode_s=decode_clock.seconds / batch,
+            peak_device_bytes=peak,
+            peak_rss_bytes=peak_rss_bytes(),
+            cache_stats=stats,
+            context_tokens=context_tokens,
+            batch_size=batch,
+        )
+        for row in range(batch)
+    ]
+
+
+@dataclass
+class Request:
+    """One prompt of a task and how to answer it (``options``: the keywords of :func:`generate_batch`)."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    options: dict = field(default_factory=dict)
+
+    def batch_key(self) -> str:
+        """Requests with equal keys can share a batch: same prompt length, same settings."""
+        return repr((len(self.prompt_ids), self.max_new_tokens, sorted((k, repr(v)) for k, v in self.options.items())))
+
+
+def check_batch_size(batch_size: int) -> int:
+    """A task's ``batch_size`` setting, validated."""
+    if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+        raise TaskConfigError(f"task.batch_size={batch_size!r} must be a positive integer (1: one prompt at a time)")
+    return int(batch_size)
+
+
+def generate_all(model, tokenizer, policy: CachePolicy, requests: Sequence[Request], batch_size: int = 1,
+                 on_done=None) -> list[Generation]:
+    """Answer every request, ``batch_size`` prompts of one :meth:`Request.batch_key` at a time (in the
+    order given when ``batch_size=1``); results in the requests' order. ``on_done(count)`` after each batch."""
+    if batch_size == 1:
+        batches = [[i] for i in range(len(requests))]
+    else:
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            groups.setdefault(request.batch_key(), []).append(i)
+        batches = [group[j : j + batch_size] for group in groups.values() for j in range(0, len(group), batch_size)]
+    out: list[Generation | None] = [None] * len(requests)
+    for batch in batches:
+        first = requests[batch[0]]
+        results = generate_batch(model, tokenizer, policy, [requests[i].prompt_ids for i in batch], first.max_new_tokens,
+                                 **first.options)
+        for i, result in zip(batch, results):
+            out[i] = result
+        if on_done is not None:
+            on_done(len(batch))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- summaries

@@ -129,8 +129,10 @@ class NeedleTask(Task):
     allow_long: bool = False
     artifacts_dir: str = "runs/artifacts"
     compress: str = "prompt"  # prompt | context (see the module docstring)
+    batch_size: int = 1  # prompts of equal length decoded together (gen.generate_all)
 
     def __post_init__(self) -> None:
+        self.batch_size = gen.check_batch_size(self.batch_size)
         if isinstance(self.context_lengths, int):
             self.context_lengths = [self.context_lengths]
         if isinstance(self.depths, (int, float)):
@@ -243,12 +245,13 @@ class NeedleTask(Task):
     def run(self, ctx: RunContext) -> TaskResult:
         check_context_length(max(self.context_lengths), ctx.max_length, self.allow_long, "max(task.context_lengths)")
         drawn = self.samples(ctx.tokenizer)
-        records, generations = [], []
+        records = []
         started = time.perf_counter()
-        for sample in tqdm(drawn, desc=f"niah {ctx.policy.name}", unit="sample", disable=not ctx.progress):
-            out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, sample.prompt_ids, sample.max_new_tokens,
-                               context_tokens=sample.context_tokens)
-            generations.append(out)
+        bar = tqdm(total=len(drawn), desc=f"niah {ctx.policy.name}", unit="sample", disable=not ctx.progress)
+        requests = [gen.Request(s.prompt_ids, s.max_new_tokens, {"context_tokens": s.context_tokens}) for s in drawn]
+        generations = gen.generate_all(ctx.model, ctx.tokenizer, ctx.policy, requests, self.batch_size, bar.update)
+        bar.close()
+        for sample, out in zip(drawn, generations):
             records.append({
                 "context_length": sample.context_length,
                 "depth": sample.depth,
@@ -327,4 +330,5 @@ class NeedleTask(Task):
             "num_samples": self.num_samples,
             "compress": self.compress,
             "format": f"{self.haystack},{self.needle},{self.scoring}",
+            **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }

@@ -84,10 +84,12 @@ class RulerTask(Task):
     allow_long: bool = False
     compress: str = "prompt"  # prompt | context (see the module docstring)
     fill: str = "max"  # max: haystack as large as fits | nvidia: RULER's coarse haystack size (ruler_data.generate)
+    batch_size: int = 1  # prompts of equal length decoded together (gen.generate_all)
 
     def __post_init__(self) -> None:
         self.tasks = _task_list(self.tasks)
         gen.check_compress(self.compress)
+        self.batch_size = gen.check_batch_size(self.batch_size)
         if self.fill not in ruler_data.FILL_MODES:
             raise TaskConfigError(f"task.fill={self.fill!r} is not one of {ruler_data.FILL_MODES}")
         if int(self.context_length) != self.context_length or self.context_length < 1:
@@ -151,30 +153,27 @@ class RulerTask(Task):
         drawn = self.samples(ctx.tokenizer)
         metrics: dict[str, float] = {}
         samples: list[dict] = []
-        generations: list[gen.Generation] = []
         total = sum(len(v) for v in drawn.values())
         bar = tqdm(total=total, desc=f"ruler {ctx.policy.name}", unit="sample", disable=not ctx.progress)
         started = time.perf_counter()
-        for task, items in drawn.items():
-            preds, refs = [], []
-            for sample, prompt in items:
-                out = gen.generate(ctx.model, ctx.tokenizer, ctx.policy, prompt, sample.max_new_tokens,
-                                   context_tokens=self.context_tokens(ctx.tokenizer, sample, prompt))
-                generations.append(out)
-                preds.append(out.text)
-                refs.append(list(sample.outputs))
-                samples.append({
-                    "task": task,
-                    "index": sample.index,
-                    "prediction": out.text,
-                    "references": list(sample.outputs),
-                    "score": ruler_data.score(task, [out.text], [list(sample.outputs)]) / 100,
-                    "length": sample.length,
-                    **out.record(),
-                })
-                bar.update(1)
-            metrics[f"ruler/{task}"] = ruler_data.score(task, preds, refs)
-            bar.set_postfix({task: f"{metrics[f'ruler/{task}']:.0f}"})
+        items = [(task, sample, prompt) for task, pairs in drawn.items() for sample, prompt in pairs]
+        requests = [gen.Request(prompt, sample.max_new_tokens,
+                                {"context_tokens": self.context_tokens(ctx.tokenizer, sample, prompt)})
+                    for _, sample, prompt in items]
+        generations = gen.generate_all(ctx.model, ctx.tokenizer, ctx.policy, requests, self.batch_size, bar.update)
+        for (task, sample, _), out in zip(items, generations):
+            samples.append({
+                "task": task,
+                "index": sample.index,
+                "prediction": out.text,
+                "references": list(sample.outputs),
+                "score": ruler_data.score(task, [out.text], [list(sample.outputs)]) / 100,
+                "length": sample.length,
+                **out.record(),
+            })
+        for task in drawn:
+            done = [s for s in samples if s["task"] == task]
+            metrics[f"ruler/{task}"] = ruler_data.score(task, [s["prediction"] for s in done], [s["references"] for s in done])
         bar.close()
         wall = time.perf_counter() - started
         metrics["ruler/avg"] = sum(metrics[f"ruler/{t}"] for t in self.tasks) / len(self.tasks)
@@ -190,4 +189,5 @@ class RulerTask(Task):
             "subtasks": ",".join(self.tasks),
             "compress": self.compress,
             "fill": self.fill,
+            **({"batch_size": self.batch_size} if self.batch_size > 1 else {}),
         }
