@@ -135,7 +135,7 @@ def test_ruler_batched_answers_equal_one_at_a_time(smollm2):
     assert "batch_size" not in RulerTask(tasks=["vt"]).describe() and RulerTask(tasks=["vt"], batch_size=4).describe()["batch_size"] == 4
 
 
-def test_niah_batched_answers_equal_one_at_a_time(smollm2):
+def test_niah_batched_answers_equal_one_at_a_time(smollm2, tmp_path):
     from conftest import tiny_llama
     from lacache.tasks.niah import NeedleTask
 
@@ -143,8 +143,8 @@ def test_niah_batched_answers_equal_one_at_a_time(smollm2):
     vocab_model = tiny_llama(layers=2, vocab=len(tok), seed=1)
     policy = H2OPolicy(budget=0.5)
     runs = [NeedleTask(context_lengths=[256], depths=[0.0, 0.5, 1.0], num_samples=2, haystack="repeat", needle="line",
-                       pass_key_digits=None, max_new_tokens=8, batch_size=b, artifacts_dir=str(tmp))
-            .run(context(vocab_model, tok, policy)) for b, tmp in ((1, "/tmp/lacache-niah-b1"), (6, "/tmp/lacache-niah-b6"))]
+                       pass_key_digits=None, max_new_tokens=8, batch_size=b, artifacts_dir=str(tmp_path / str(b)))
+            .run(context(vocab_model, tok, policy)) for b in (1, 6)]
     one, six = ([(s["depth"], s["index"], s["prediction"]) for s in r.samples] for r in runs)
     assert one == six and len(one) == 6
     assert max(s["batch_size"] for s in runs[1].samples) > 1
