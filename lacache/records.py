@@ -18,6 +18,7 @@ import argparse
 import datetime as dt
 import filecmp
 import hashlib
+import gzip
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ NON_IDENTIFYING = {"task": ("artifacts_dir",)}
 LATER_DEFAULTS = {"task": {"batch_size": 1}}
 FAILURES = "failures"  # records/failures/<key>.json: a failed/skipped re-run of a point whose ok record is kept
 QUARANTINE = "quarantine"  # records/quarantine/: damaged or foreign files found where a point's record belongs
+GZIP = ".gz"
 KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")
 
 
@@ -131,13 +133,14 @@ def read_file(path: Path, named: bool = True) -> dict:
     """A record file's content; ``BadRecord`` (naming the file) if it is not a record (or, with ``named``,
     not a record named by its key)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        data = path.read_bytes()
+        record = json.loads((gzip.decompress(data) if path.name.endswith(GZIP) else data).decode("utf-8"))
+    except (OSError, EOFError, ValueError) as err:  # OSError: also a bad gzip file; ValueError: bad JSON or UTF-8
         raise BadRecord(f"{path}: not a readable JSON record ({type(err).__name__}: {err})") from None
     if not (isinstance(record, dict) and isinstance(record.get("key"), str) and KEY.fullmatch(record["key"])
             and record.get("status") in STATUSES):
         raise BadRecord(f"{path}: not a lacache record (a JSON object with a `key` and a `status` in {STATUSES})")
-    if named and path.stem != record["key"]:
+    if named and path.name.removesuffix(GZIP).removesuffix(".json") != record["key"]:
         raise BadRecord(f"{path}: holds the record {record['key']!r} under another name "
                         "(`python -m lacache.records merge` files a record under its key)")
     return record
@@ -195,7 +198,10 @@ def save(runs_dir: str | Path, record: dict) -> Path:
 
 
 def record_files(runs_dir: str | Path = "runs") -> list[Path]:
-    return sorted(p for p in records_dir(runs_dir).glob("*.json") if not p.name.startswith("."))
+    """The record files of a runs/ folder: ``<key>.json``, or ``<key>.json.gz`` (records archived gzipped,
+    as in docs/data/: ``gzip -9n records/*.json``; read alike, never written so)."""
+    return sorted(p for pattern in ("*.json", "*.json" + GZIP) for p in records_dir(runs_dir).glob(pattern)
+                  if not p.name.startswith("."))
 
 
 def iter_records(runs_dir: str | Path = "runs", failures: bool = False):
@@ -303,7 +309,7 @@ def merge(sources: list[str | Path], into: str | Path, out=None) -> dict:
             if path.is_symlink() or not path.is_file() or path.name.startswith(".tmp-"):
                 continue
             rel = path.relative_to(source)
-            if rel.parent == Path("records") and path.suffix == ".json":
+            if rel.parent == Path("records") and path.name.endswith((".json", ".json" + GZIP)):
                 _merge_record(path, into, counts, out)
                 continue
             target = into / rel

@@ -616,15 +616,45 @@ def _qa(task: str) -> bool:
 
 
 ABLATION_GROUPS = (("RULER", lambda t: not _qa(t)), ("QA", _qa))
+ABLATION_BASELINES = ("streamingllm",)  # each grid also as LaCache minus this policy at the same budget, paired
+
+
+def _grid_rows(frame, key: tuple, keys: Sequence[str], rows: list[dict]) -> list[dict]:
+    """The grid's LaCache runs: the ablation's, plus a LaCache run of the same setting made by another
+    experiment (a sweep skips a point another sweep already ran, e.g. RULER's default ladder)."""
+    held = {(_value(r.get("span")), _value(r.get("overlap"))) for r in rows}
+    for row in _rows(frame, "ruler"):
+        if row.get("policy") != "lacache" or _group_key(row, keys) != key:
+            continue
+        if (_value(row.get("span")), _value(row.get("overlap"))) not in held and compress_of(row) == compress_of(rows[0]):
+            rows.append(row)
+    return rows
+
+
+def _group_key(row: dict, keys: Sequence[str]) -> tuple:
+    return (str(row.get("model")),) + tuple(_value(row.get(k)) for k in keys)
+
+
+def _ablation_baselines(frame, key: tuple, keys: Sequence[str], compress: str) -> list[dict]:
+    """Runs of :data:`ABLATION_BASELINES` at the grid's model, budget and context length (any experiment)."""
+    shared = [i for i, k in enumerate(keys) if k in ("budget", "context_length")]
+    want = (key[0],) + tuple(key[1 + i] for i in shared)
+    rows = [r for name in ("ablation", "ruler") for r in _rows(frame, name)]
+    return [r for r in rows if r.get("policy") in ABLATION_BASELINES and compress_of(r) == compress
+            and _group_key(r, [keys[i] for i in shared]) == want]
 
 
 def ablation_section(frame, out: Path) -> Section:
     """Span x overlap grids of LaCache runs (``paper.experiment=ablation``): retrieval tasks and QA tasks,
-    one grid per ladder layout (``cache.layout``)."""
+    one grid per ladder layout (``cache.layout``) and sink; and each grid minus StreamingLLM, paired."""
     blocks: list = []
-    keys = ("budget", "context_length", "layout")
+    keys = ("budget", "context_length", "layout", "sink")
     for key, rows in _groups(_rows(frame, "ablation"), keys):
         rows = [r for r in rows if r.get("policy") == "lacache"]
+        if not rows:
+            continue
+        rows = _grid_rows(frame, key, keys, rows)
+        baselines = _ablation_baselines(frame, key, keys, compress_of(rows[0]))
         spans = _sorted({_value(r.get("span")) for r in rows} - {None})
         overlaps = _sorted({_value(r.get("overlap")) for r in rows} - {None})
         tasks = _columns(rows, RULER)
@@ -634,30 +664,42 @@ def ablation_section(frame, out: Path) -> Section:
             if not chosen:
                 continue
             where = _describe(key, keys)
-            table = Table(f"LaCache S × O, {group} ({', '.join(chosen)}): {where}", ["S \\ O"] + [f"O={o}" for o in overlaps],
-                          [], label=slug("ablation", group, *key),
+            header = ["S \\ O"] + [f"O={o}" for o in overlaps]
+            table = Table(f"LaCache S × O, {group} ({', '.join(chosen)}): {where}", header, [], label=slug("ablation", group, *key),
                           caption="Mean RULER score over these tasks (0-100); 95% bootstrap CI in brackets; — missing.")
+            diffs = [Table(f"LaCache S × O − {label(b)}, {group}: {where}", header, [], label=slug("ablation", "diff", b.get("policy"), group, *key),
+                           caption="Mean RULER score of each ladder minus the baseline's, over the samples both ran; "
+                                   "95% paired bootstrap CI in brackets; — missing.") for b in baselines]
             values, texts = [], []
             for span in spans:
                 cells, line, marks = [Cell(text=f"S={span}")], [], []
+                gaps = [[Cell(text=f"S={span}")] for _ in baselines]
                 for overlap in overlaps:
                     match = [r for r in rows if _value(r.get("span")) == span and _value(r.get("overlap")) == overlap]
                     marks.append(None if not match or match[0].get("status") == "ok" else str(match[0].get("status")))
                     if not match:
                         cells.append(Cell())
                         line.append(None)
+                        for gap in gaps:
+                            gap.append(Cell(signed=True))
                         continue
                     row = match[0]
+                    scores = sample_scores(row, RULER)
                     metrics = [_value(row.get(f"metrics.ruler/{t}")) for t in chosen]
-                    cell = _cell(row, sample_scores(row, RULER), chosen, None, table)
+                    cell = _cell(row, scores, chosen, None, table)
                     if row.get("status") == "ok" and all(m is not None for m in metrics):
                         cell.value = float(np.mean(metrics))
                     cells.append(cell)
                     line.append(cell.value)
+                    for gap, base, diff in zip(gaps, baselines, diffs):
+                        gap.append(_paired_cell(row, scores, base, chosen, diff))
                 table.rows.append(cells)
+                for gap, diff in zip(gaps, diffs):
+                    diff.rows.append(gap)
                 values.append(line)
                 texts.append(marks)
             blocks.append(table)
+            blocks.extend(diffs)
             panels.append({"title": f"{group}: {', '.join(chosen)}", "columns": [str(o) for o in overlaps],
                            "rows": [str(s) for s in spans], "values": values, "texts": texts, "xlabel": "overlap O",
                            "ylabel": "span S"})
@@ -666,8 +708,21 @@ def ablation_section(frame, out: Path) -> Section:
             figures.grid_heatmaps(panels, out / path, f"LaCache span × overlap (score 0-100): {_describe(key, keys)}")
             blocks.append((path, f"ablation heatmap, {key[0]}"))
     return Section("ablation", TITLES["ablation"], "LaCache's ladder span S and overlap O at a fixed budget: mean "
-                   "score over RULER's retrieval tasks and over its QA tasks (qa_1 SQuAD, qa_2 HotpotQA). A ladder "
-                   "that cannot exist for the model's layer count is a skipped run (— with its reason). " + CI_NOTE, blocks)
+                   "score over RULER's retrieval tasks and over its QA tasks (qa_1 SQuAD, qa_2 HotpotQA), and its "
+                   "paired difference to StreamingLLM where the records hold a StreamingLLM run of the same budget. "
+                   "A ladder that cannot exist for the model's layer count is a skipped run (— with its reason). "
+                   + CI_NOTE, blocks)
+
+
+def _paired_cell(row: dict, scores: dict, base: dict, columns: list, table: Table) -> Cell:
+    """``row − base`` over ``columns``, paired over the samples both hold."""
+    if row.get("status") != "ok" or base.get("status") != "ok":
+        return Cell(note=table.note(status_note(row if row.get("status") != "ok" else base)))
+    other = sample_scores(base, RULER)
+    a = {k: v[2] for k, v in scores.items() if v[0] in columns}
+    b = {k: v[2] for k, v in other.items() if v[0] in columns}
+    est = paired_difference(a, b, stratum={k: v[1] for k, v in scores.items()}.get, scale=100.0)
+    return Cell(signed=True) if est is None else Cell(est.value, est.ci, signed=True)
 
 
 def _windows(row: dict) -> dict[int, tuple[int, float]]:

@@ -293,3 +293,45 @@ def test_splice_rewrites_only_the_generated_blocks(tmp_path, monkeypatch):
     doc.write_text("<!-- lacache.report runs=data section=nope -->\n<!-- /lacache.report -->\n")
     with pytest.raises(ValueError, match="section=<one of"):
         report.splice(doc)
+
+
+def _ruler_record(key, experiment, policy, scores, **ids):
+    """A minimal RULER record: per-sample scores of niah_single_1 (sample ids 0..n-1)."""
+    samples = [{"task": "niah_single_1", "index": i, "score": s} for i, s in enumerate(scores)]
+    return {"schema": 1, "key": key, "status": "ok", "config": {"paper": {"experiment": experiment}},
+            "ids": {"model": "m", "policy": policy, "budget": 0.5, "task": "ruler", "context_length": 2048,
+                    "compress": "prompt", **ids},
+            "metrics": {"ruler/niah_single_1": 100 * sum(scores) / len(scores)}, "samples": samples}
+
+
+def test_ablation_grids_split_by_sink_take_other_sweeps_ladders_and_pair_with_streamingllm(tmp_path):
+    """Grids per (layout, sink); a LaCache point another sweep ran fills its cell; each cell minus
+    StreamingLLM is the mean of the per-sample differences (checked by hand); gzipped records read alike."""
+    import gzip
+    import json
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 40).tolist()
+    ladders = {("ab4", 4, 0, 4): rng.integers(0, 2, 40).tolist(), ("aba", 4, 0, "auto"): rng.integers(0, 2, 40).tolist(),
+               ("ab8", 8, 4, 4): rng.integers(0, 2, 40).tolist()}
+    records = [_ruler_record("stream", "ruler", "streamingllm", base, sink=4),
+               _ruler_record("ru16", "ruler", "lacache", [1] * 40, span=16, overlap=0, sink=4, layout="reference")]
+    records += [_ruler_record(k, "ablation", "lacache", s, span=span, overlap=o, sink=sink, layout="reference")
+                for (k, span, o, sink), s in ladders.items()]
+    folder = tmp_path / "runs" / "records"
+    folder.mkdir(parents=True)
+    for record in records:
+        (folder / f"{record['key']}.json.gz").write_bytes(gzip.compress(json.dumps(record).encode()))
+    (tmp_path / "runs" / "records" / "wrong.json.gz").write_bytes(gzip.compress(json.dumps(records[0]).encode()))
+    frame = report.load(tmp_path / "runs")
+    assert sorted(frame["key"]) == sorted(r["key"] for r in records)  # the misnamed file is reported and skipped
+    section = report.ablation_section(frame, tmp_path)
+    titles = [t.title for t in section.tables]
+    assert sum("sink 4" in t for t in titles) == 2 and sum("sink auto" in t for t in titles) == 2
+    grid = section.tables[titles.index(next(t for t in titles if t.startswith("LaCache S × O, RULER") and "sink 4" in t))]
+    text = grid.markdown()
+    assert "| S=16 | 100.0 [100.0, 100.0] | — |" in text  # columns O=0, O=4: the ruler sweep's S=16 O=0 point
+    diff = section.tables[titles.index(next(t for t in titles if "− streamingllm" in t and "sink 4" in t))].markdown()
+    want = 100 * (np.mean(ladders[("ab4", 4, 0, 4)]) - np.mean(base))
+    assert f"| S=4 | {want:+.1f} [" in diff
+    assert f"| S=16 | {100 * (1 - np.mean(base)):+.1f} [" in diff
