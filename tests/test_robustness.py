@@ -302,3 +302,21 @@ def test_bench_validates_its_arguments_before_anything_loads(argv, message, tmp_
     with pytest.raises(SystemExit) as stop:
         bench.main(["--model", "tiny-shape", "--runs-dir", str(tmp_path), *argv])  # the later --model wins
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gzipped_records_are_read_and_merged_like_plain_ones(tmp_path, capsys):
+    """docs/data keeps records gzipped (<key>.json.gz): they load, merge into plain files, and a damaged
+    or misnamed one is reported like a damaged plain file."""
+    import gzip
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    ok = {"key": "k1", "status": "ok", "finished": "2025-01-01T00:00:00+00:00", "metrics": {"ppl": 9.0}}
+    (src / "records").mkdir(parents=True)
+    (src / "records" / "k1.json.gz").write_bytes(gzip.compress(json.dumps(ok).encode()))
+    (src / "records" / "k9.json.gz").write_bytes(gzip.compress(json.dumps(ok).encode()))  # k1 under k9's name
+    (src / "records" / "k3.json.gz").write_bytes(b"not gzip")
+    frame = records.load_records(src, status=None)
+    err = capsys.readouterr().err
+    assert list(frame["key"]) == ["k1"] and "k3.json.gz: not a readable JSON record" in err and "k9.json.gz" in err
+    records.merge([src], into=dst)
+    assert read_all(dst) == {"k1": ok} and (dst / "records" / "k1.json").is_file()
