@@ -4,7 +4,9 @@ One sample = one fresh cache (``policy.make_cache(model, prompt_length=len(promp
 fractions resolve against this prompt). The prompt is fed through ``policy.prefill_chunks`` (one
 forward per chunk, all into the same cache), then the answer is decoded token by token through that
 cache, greedily (argmax), until an end-of-sequence token, a stop token, a stop string, or
-``max_new_tokens``.
+``max_new_tokens``. :func:`generate_batch` does the same for prompts of one length at once, one
+cache row each (a task's ``batch_size``, grouped by :func:`generate_all`): each row's answer is the
+one it gets alone.
 
 What is compressed is the task's ``compress`` setting (:data:`COMPRESS_MODES`):
 
