@@ -247,6 +247,20 @@ def to_frame(recs, status: str | None = "ok"):
     return pd.DataFrame(rows)
 
 
+CODE_FOLDERS = ("lacache", "baselines", "tasks")
+
+
+def code_digest(repo: Path) -> str:
+    """sha256 (first 16 hex digits) of the harness's Python sources as they are on disk: it names the
+    code that ran even where ``git_commit`` cannot (a copy with a stale or missing ``.git``, edits)."""
+    digest = hashlib.sha256()
+    for folder in CODE_FOLDERS:
+        root = repo / folder
+        for path in sorted(root.glob("*.py")) if root.is_dir() else ():
+            digest.update(f"{folder}/{path.name}\0".encode() + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def environment(repo: Path | None = None) -> dict:
     """What produced a record: code version, packages, machine."""
     repo = repo or Path(__file__).resolve().parent.parent
@@ -267,6 +281,7 @@ def environment(repo: Path | None = None) -> dict:
     return {
         "git_commit": commit,
         "git_dirty": dirty,
+        "code_digest": code_digest(repo),
         "packages": versions,
         "python": platform.python_version(),
         "platform": platform.platform(),

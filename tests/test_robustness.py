@@ -320,3 +320,16 @@ def test_gzipped_records_are_read_and_merged_like_plain_ones(tmp_path, capsys):
     assert list(frame["key"]) == ["k1"] and "k3.json.gz: not a readable JSON record" in err and "k9.json.gz" in err
     records.merge([src], into=dst)
     assert read_all(dst) == {"k1": ok} and (dst / "records" / "k1.json").is_file()
+
+
+def test_code_digest_names_the_sources_that_ran(tmp_path):
+    """A record's env carries a digest of the harness's sources, which changes with any edit (git_commit alone
+    did not: a device machine's copy kept a stale .git)."""
+    for folder in records.CODE_FOLDERS:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.py").write_text(f"x = '{folder}'\n")
+    first = records.code_digest(tmp_path)
+    assert first == records.code_digest(tmp_path) and len(first) == 16
+    (tmp_path / "tasks" / "a.py").write_text("x = 'edited'\n")
+    assert records.code_digest(tmp_path) != first
+    assert records.environment()["code_digest"] == records.code_digest(ROOT)
