@@ -635,13 +635,11 @@ def _group_key(row: dict, keys: Sequence[str]) -> tuple:
     return (str(row.get("model")),) + tuple(_value(row.get(k)) for k in keys)
 
 
-def _ablation_baselines(frame, key: tuple, keys: Sequence[str], compress: str) -> list[dict]:
-    """Runs of :data:`ABLATION_BASELINES` at the grid's model, budget and context length (any experiment)."""
-    shared = [i for i, k in enumerate(keys) if k in ("budget", "context_length")]
-    want = (key[0],) + tuple(key[1 + i] for i in shared)
+def _ablation_baselines(frame, model: str, budget, context_length, compress: str) -> list[dict]:
+    """Runs of :data:`ABLATION_BASELINES` at the grid's model, budget, context length and compress mode (any experiment)."""
     rows = [r for name in ("ablation", "ruler") for r in _rows(frame, name)]
     return [r for r in rows if r.get("policy") in ABLATION_BASELINES and compress_of(r) == compress
-            and _group_key(r, [keys[i] for i in shared]) == want]
+            and _group_key(r, ("budget", "context_length")) == (model, budget, context_length)]
 
 
 def ablation_section(frame, out: Path) -> Section:
@@ -654,7 +652,7 @@ def ablation_section(frame, out: Path) -> Section:
         if not rows:
             continue
         rows = _grid_rows(frame, key, keys, rows)
-        baselines = _ablation_baselines(frame, key, keys, compress_of(rows[0]))
+        baselines = _ablation_baselines(frame, *key[:3], compress_of(rows[0]))  # key: model, budget, context length, ...
         spans = _sorted({_value(r.get("span")) for r in rows} - {None})
         overlaps = _sorted({_value(r.get("overlap")) for r in rows} - {None})
         tasks = _columns(rows, RULER)
