@@ -40,6 +40,7 @@ Per sample it records prompt and generated token counts, prefill and decode spee
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -329,14 +330,14 @@ def generate_batch(
                     logits = model(ids[:, start : start + size], **cache_kwarg(model, cache), use_cache=True, **kwargs).logits
                     start += size
             tokens = pick(logits, 0)
-        step_fn = _exact_step(model, cache, kwargs, device)
+        step_fn, decoder = _exact_step(model, cache, kwargs, device), None
         if policy.decode == "fast":
             from lacache.fast_decode import GraphDecoder
 
             decoder = GraphDecoder(model, cache, torch.tensor(tokens, device=device)[:, None], max_new_tokens=max_new_tokens)
             step_fn = _fast_step(decoder)
         active = list(range(batch))
-        with Stopwatch(device) as decode_clock:
+        with _closing(decoder), Stopwatch(device) as decode_clock:
             while True:
                 for row in list(active):
                     token, out = tokens[row], generated[row]
@@ -357,8 +358,6 @@ def generate_batch(
                 if not active:
                     break
                 tokens = pick(step_fn(tokens), len(generated[active[0]]))  # every active row holds as many tokens
-        if policy.decode == "fast":
-            decoder.close()
     stats = dict(cache.stats()) if hasattr(cache, "stats") else {}
     stats = {k: v / batch if k.startswith("kv_bytes") and isinstance(v, (int, float)) else v for k, v in stats.items()}
     peak = device_peak_bytes(device)
@@ -381,6 +380,17 @@ def generate_batch(
     ]
 
 
+@contextlib.contextmanager
+def _closing(decoder):
+    """Release a fast decoder's graphs and buffers however the decode loop ends (an out-of-memory
+    error included, after which the rows are retried in smaller batches)."""
+    try:
+        yield
+    finally:
+        if decoder is not None:
+            decoder.close()
+
+
 @dataclass
 class Request:
     """One prompt of a task and how to answer it (``options``: the keywords of :func:`generate_batch`)."""
@@ -401,6 +411,30 @@ def check_batch_size(batch_size: int) -> int:
     return int(batch_size)
 
 
+def generate_fitting(model, tokenizer, policy: CachePolicy, prompts: Sequence, max_new_tokens: int,
+                     **options) -> list[Generation]:
+    """:func:`generate_batch`, halving the batch while it runs out of device memory.
+
+    Why: a batch's prefill memory grows with rows x length^2 where the attention kernel materialises
+    its scores (fp32 GQA on CUDA falls back to the math kernel: 36 GiB for 16 rows of 8K tokens on
+    SmolLM2), and workers sharing a GPU change what fits from one moment to the next. Each row's
+    answer is the one it gets alone, so splitting changes no result; a single row that does not fit
+    still fails."""
+    try:
+        return generate_batch(model, tokenizer, policy, prompts, max_new_tokens, **options)
+    except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError from torch 2.5
+        if len(prompts) == 1:
+            raise
+        reason = str(error).split(". ")[0]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the failed batch's blocks, now unreferenced
+    half = (len(prompts) + 1) // 2
+    print(f"[lacache] a batch of {len(prompts)} prompts of {len(prompts[0])} tokens ran out of device memory "
+          f"({reason}); retrying as {half} + {len(prompts) - half}", flush=True)
+    return [g for part in (prompts[:half], prompts[half:])
+            for g in generate_fitting(model, tokenizer, policy, part, max_new_tokens, **options)]
+
+
 def generate_all(model, tokenizer, policy: CachePolicy, requests: Sequence[Request], batch_size: int = 1,
                  on_done=None) -> list[Generation]:
     """Answer every request, ``batch_size`` prompts of one :meth:`Request.batch_key` at a time (in the
@@ -415,8 +449,8 @@ def generate_all(model, tokenizer, policy: CachePolicy, requests: Sequence[Reque
     out: list[Generation | None] = [None] * len(requests)
     for batch in batches:
         first = requests[batch[0]]
-        results = generate_batch(model, tokenizer, policy, [requests[i].prompt_ids for i in batch], first.max_new_tokens,
-                                 **first.options)
+        results = generate_fitting(model, tokenizer, policy, [requests[i].prompt_ids for i in batch],
+                                   first.max_new_tokens, **first.options)
         for i, result in zip(batch, results):
             out[i] = result
         if on_done is not None:

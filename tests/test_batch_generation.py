@@ -101,6 +101,49 @@ def test_generate_all_batches_equal_lengths_and_keeps_the_order(model):
     assert [g.batch_size for g in got] == [2, 2, 2, 1, 2] and sorted(done) == [1, 2, 2]
 
 
+def test_a_batch_that_runs_out_of_memory_is_halved_until_it_fits(model, monkeypatch, capsys):
+    tok, policy = LetterTokenizer(), POLICIES["h2o"]("fast")
+    requests = [gen.Request(p, 12, {"eos_ids": ()}) for p in prompts(5, 40)]
+    want = [gen.generate(model, tok, policy, r.prompt_ids, 12, eos_ids=()).token_ids for r in requests]
+    real, tried = gen.generate_batch, []
+
+    def small_device(model, tokenizer, policy, prompts, *args, **kwargs):
+        tried.append(len(prompts))
+        if len(prompts) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 36 GiB")
+        return real(model, tokenizer, policy, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate_batch", small_device)
+    got = gen.generate_all(model, tok, policy, requests, batch_size=5)
+    assert [g.token_ids for g in got] == want
+    assert tried == [5, 3, 2, 1, 2] and [g.batch_size for g in got] == [2, 2, 1, 2, 2]
+    assert "a batch of 5 prompts of 40 tokens ran out of device memory" in capsys.readouterr().out
+
+    def no_device(*args, **kwargs):
+        tried.append(len(args[3]))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(gen, "generate_batch", no_device)
+    tried.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a row that does not fit alone is an error, not a loop
+        gen.generate_fitting(model, tok, policy, prompts(2, 40), 12)
+    assert tried == [2, 1]
+
+
+def test_the_fast_decoder_lets_go_of_the_model_when_decoding_fails(model, monkeypatch):
+    """A sweep keeps one model for all its points: a decode that fails (and is retried smaller) must not
+    leave its ring buffers attached to the model's attention modules."""
+    tok, policy = LetterTokenizer(), POLICIES["lacache"]("fast")
+
+    def failing_decode(ids, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(tok, "decode", failing_decode)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        gen.generate_batch(model, tok, policy, prompts(2, 40), NEW, eos_ids=(), stop_strings=["x"])
+    assert not [name for name, module in model.named_modules() if hasattr(module, "lacache_ring")]
+
+
 def test_bad_batches_fail_clearly(model):
     tok, policy = LetterTokenizer(), FullCachePolicy()
     with pytest.raises(ValueError, match=r"one length.*\[33, 40\]"):
