@@ -266,6 +266,8 @@ def test_analysis_notebook_executes(tmp_path):
     for title in ("RULER", "LongBench", "span × overlap", "Needle in a haystack", "Streaming perplexity", "Speed and memory"):
         assert title in outputs, title
     assert "paired differences" in outputs and "shared samples" in outputs and "image/png" in outputs
+    # the fixtures' six 1K ladders (a/b 1/8, 1/4, 2/7, 1/2 twice, 2/3): Spearman by hand from their ranks, -10 / sqrt(17 * 16.5)
+    assert "0.5, 1024.0, 'prompt'): 6 ladders, Spearman(RULER avg, a/b) = -0.60" in outputs
 
 
 def test_splice_rewrites_only_the_generated_blocks(tmp_path, monkeypatch):
