@@ -10,7 +10,8 @@ Decode paths: ``eager`` runs the model's forward per token on the exact caches (
 ``graph`` runs :mod:`lacache.fast_decode` (full, StreamingLLM, LaCache; H2O, TOVA, SnapKV, PyramidKV
 through :mod:`lacache.eviction_decode`, whose eviction is part of the step), CUDA-graph captured on
 a GPU; ``fused`` is ``graph`` with fused projections and elementwise chains
-(:class:`lacache.fast_decode.FusedStep`); ``hf-static`` (full cache only) is the anchor:
+(:class:`lacache.fast_decode.FusedStep`); ``triton`` (CUDA) is ``fused`` with the rotary + cache
+write and the ring attention as Triton kernels (:mod:`lacache.triton_decode`); ``hf-static`` (full cache only) is the anchor:
 transformers' own ``generate`` with a ``StaticCache`` and its automatic ``torch.compile``, same
 model, prompt and steps. Compaction time: ``eager`` wraps the cache's plan/apply in device syncs (a
 separate pass, so the decode timing stays unsynchronised); ``graph`` times the compaction replays
@@ -45,8 +46,8 @@ SHAPES = {  # random-weight models: no download needed
     "tiny-shape": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=256, max_position_embeddings=65536),
 }
-DECODE_PATHS = ("eager", "graph", "fused", "hf-static")
-GRAPH_POLICIES = ("full", "streamingllm", "lacache")  # the ring path: graph and fused
+DECODE_PATHS = ("eager", "graph", "fused", "triton", "hf-static")
+GRAPH_POLICIES = ("full", "streamingllm", "lacache")  # the ring path: graph, fused and triton
 EVICTION_POLICIES = ("h2o", "tova", "snapkv", "pyramidkv")  # the eviction path (lacache.eviction_decode): graph only
 
 
@@ -151,13 +152,14 @@ def measure_eager(model, policy, prompt, steps: int, device) -> dict:
     return out
 
 
-def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False, profile: bool = False) -> dict:
+def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False, triton: bool = False,
+                  profile: bool = False) -> dict:
     from lacache.fast_decode import GraphDecoder
 
     warmup = 8
     cache, token, out = timed_prefill(model, policy, prompt, device)
     stats = cache.stats() if hasattr(cache, "stats") else {}
-    decoder = GraphDecoder(model, cache, token, max_new_tokens=steps + warmup, fuse=fuse)
+    decoder = GraphDecoder(model, cache, token, max_new_tokens=steps + warmup, fuse=fuse, triton=triton)
     try:
         for _ in range(warmup):  # captures the step graph and the compaction graphs
             decoder.step()
@@ -282,6 +284,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--device={args.device!r}: {err}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device={args.device!r} but no CUDA device is available; use --device cpu")
+    if "triton" in args.decode and torch.device(args.device).type != "cuda":
+        parser.error(f"--decode triton runs Triton kernels on a GPU, not on --device={args.device!r}; "
+                     f"on a CPU use one of {', '.join(p for p in DECODE_PATHS if p != 'triton')}")
     model_names = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
     if args.model not in SHAPES and args.model not in model_names:
         parser.error(f"--model={args.model!r} is not a config in configs/model/ ({', '.join(model_names)}) "
@@ -356,7 +361,7 @@ def main(argv=None) -> None:
                         continue  # the full cache has no budget: measure it once per context
                     for path in args.decode:
                         if (path == "graph" and name not in GRAPH_POLICIES + EVICTION_POLICIES) or \
-                                (path == "fused" and name not in GRAPH_POLICIES) or (path == "hf-static" and name != "full"):
+                                (path in ("fused", "triton") and name not in GRAPH_POLICIES) or (path == "hf-static" and name != "full"):
                             continue
                         release(device)
                         policy = make_policy(name, budget, args)
@@ -367,8 +372,8 @@ def main(argv=None) -> None:
                             elif path == "hf-static":
                                 result = measure_hf_static(model, prompt, args.steps, device)
                             else:
-                                result = measure_graph(model, policy, prompt, args.steps, device, fuse=path == "fused",
-                                                       profile=args.profile)
+                                result = measure_graph(model, policy, prompt, args.steps, device, fuse=path in ("fused", "triton"),
+                                                       triton=path == "triton", profile=args.profile)
                         result["peak_rss_bytes"] = peak_rss_bytes()
                         result["peak_device_bytes"] = device_peak_bytes(device)
                         result.update(weight_bytes=weights, copy_bytes_per_s=bandwidth, bound_ms_per_token=bound_ms,

@@ -26,7 +26,8 @@ tail of every layer's cache by a few slots on every step. Here neither happens:
   one q/k/v and one gate/up matrix product per layer over the model's own weights stacked in place,
   and one compiled kernel per elementwise chain, so that the weight products, which stream at the
   copy bandwidth, are most of the step (docs/PERFORMANCE.md: 1.27-1.33x the weight-streaming
-  bound on an H200).
+  bound on an H200). ``triton=True`` (CUDA) also replaces the rotary + cache write and the ring
+  attention with the kernels of :mod:`lacache.triton_decode` (flash-decoding: 3 kernels for 7).
 
 Logits equal the exact path's up to floating-point rounding (tests on CPU in fp32, and over 1,000
 bf16 steps with compactions and wraps on a GPU). Decode only (one token per step, batch of equal
@@ -120,7 +121,9 @@ class Kernels:
     ``torch.compile`` (default: on CUDA); uncompiled, the fused step runs the same arithmetic eagerly.
     """
 
-    def __init__(self, model, fuse: bool, compile: bool = True):
+    def __init__(self, model, fuse: bool, compile: bool = True, triton: bool = False):
+        if triton and not (fuse and compile):
+            raise ValueError("triton=True is a variant of the fused step on CUDA: it needs fuse=True on a CUDA device")
         compile_ = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if fuse and compile else (lambda fn: fn)
         self.scores, self.rotate, self.claim = compile_(ring_scores), compile_(rotate), compile_(claim_slot)
         self.patches: list[tuple] = []
@@ -129,8 +132,10 @@ class Kernels:
             return
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         if fusable(model) is None:
-            self.step = FusedStep(model, compile_)
+            self.step = FusedStep(model, compile_, triton)
             return
+        if triton:
+            raise ValueError(f"triton=True needs the fused step, which cannot run this model: {fusable(model)}")
         rms, silu_mul = compile_(_rms_norm), compile_(_silu_mul)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         for module in model.modules():
@@ -245,7 +250,7 @@ class FusedStep:
     product. The weights are the model's own (:func:`fuse_linears` makes its q/k/v and gate/up
     parameters views of one tensor each); logits equal the stock forward's up to rounding."""
 
-    def __init__(self, model, compile_):
+    def __init__(self, model, compile_, triton: bool = False):
         inner = model.model
         self.model, self.inner = model, inner
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -259,6 +264,11 @@ class FusedStep:
                                 layer.post_attention_layernorm, gate_up, mlp.down_proj.weight))
         self.norm, self.add_norm = compile_(_rms_norm), compile_(_add_rms_norm)
         self.rope, self.silu_mul = compile_(_rope_split), compile_(_silu_mul_split)
+        self.triton = None
+        if triton:
+            from lacache import triton_decode
+
+            self.triton = triton_decode
 
     def __call__(self, ring: RingCache, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         linear = torch.nn.functional.linear
@@ -271,10 +281,16 @@ class FusedStep:
                 x, residual = self.norm(h, norm1.weight, norm1.variance_epsilon), h
             else:
                 x, residual = self.add_norm(h, residual, norm1.weight, norm1.variance_epsilon)
-            query, entries = self.rope(linear(x, qkv, qkv_bias), cos, sin, self.heads, self.kv_heads, raw)
-            ring.kv[:, i].index_copy_(3, ring.slot[i : i + 1], entries)
-            out = kernels.scores(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i], ring.shift_cos,
-                                 ring.shift_sin, scaling)
+            if self.triton is not None:  # rotary + cache write, then flash-decoding: 3 kernels
+                query = self.triton.rope_write(linear(x, qkv, qkv_bias), cos, sin, ring.slot[i : i + 1], ring.keys[i],
+                                               ring.raw[i] if raw else None, ring.values[i], self.heads, self.kv_heads)
+                out = self.triton.ring_attention(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i],
+                                                 ring.shift_cos, ring.shift_sin, scaling)
+            else:
+                query, entries = self.rope(linear(x, qkv, qkv_bias), cos, sin, self.heads, self.kv_heads, raw)
+                ring.kv[:, i].index_copy_(3, ring.slot[i : i + 1], entries)
+                out = kernels.scores(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i], ring.shift_cos,
+                                     ring.shift_sin, scaling)
             x, residual = self.add_norm(linear(out.flatten(2), wo), residual, norm2.weight, norm2.variance_epsilon)
             h = linear(self.silu_mul(linear(x, gate_up)), down)
         x, _ = self.add_norm(h, residual, self.inner.norm.weight, self.inner.norm.variance_epsilon)
@@ -295,7 +311,8 @@ class RingCache(Cache):
 
     compacts = True  # GraphDecoder.settle applies the policy's merges between steps
 
-    def __init__(self, model, source, rebase_every: int = 4096, room: int = 0, slack: int = 8, fuse: bool = False):
+    def __init__(self, model, source, rebase_every: int = 4096, room: int = 0, slack: int = 8, fuse: bool = False,
+                 triton: bool = False):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.num_layers = config.num_hidden_layers
         super().__init__(layers=[DynamicLayer() for _ in range(self.num_layers)])
@@ -343,7 +360,7 @@ class RingCache(Cache):
         self.inv_freq = torch.cat((inv_freq, inv_freq))
         self.unrotate_cos = self.unrotate_sin = self.shift_cos = self.shift_sin = None
         self.compactions = self.wraps = 0
-        self.kernels = Kernels(model, fuse, compile=device.type == "cuda")
+        self.kernels = Kernels(model, fuse, compile=device.type == "cuda", triton=triton)
         self.offsets = torch.tensor(self.rule.offsets if self.rule else [0] * L, device=device)  # per layer, for merges
 
     # ------------------------------------------------------------------ per step, on the device
@@ -470,19 +487,19 @@ class GraphDecoder:
     """
 
     def __init__(self, model, cache, next_ids: torch.Tensor, max_new_tokens: int = 0, graphs: bool | None = None,
-                 rebase_every: int = 4096, fuse: bool = False):
+                 rebase_every: int = 4096, fuse: bool = False, triton: bool = False):
         _register()
         self.model = model
         rule = cache.eviction_rule() if isinstance(cache, CompactingCache) else None
         if rule is not None:  # H2O, TOVA, SnapKV, PyramidKV: eviction inside the step (plain kernels, no fusing)
             from lacache.eviction_decode import EvictionRing
 
-            if fuse:
-                raise ValueError(f"fuse=True is for the ring path (full, streamingllm, lacache), not {type(cache).__name__}")
+            if fuse or triton:
+                raise ValueError(f"fuse=True and triton=True are for the ring path (full, streamingllm, lacache), not {type(cache).__name__}")
 
             self.ring = EvictionRing(model, cache, rule, room=max_new_tokens)
         else:
-            self.ring = RingCache(model, cache, rebase_every=rebase_every, room=max_new_tokens, fuse=fuse)
+            self.ring = RingCache(model, cache, rebase_every=rebase_every, room=max_new_tokens, fuse=fuse, triton=triton)
         self.ids = next_ids.clone()
         self.position_ids = torch.zeros_like(self.ids)
         self.graphs = (self.ids.device.type == "cuda") if graphs is None else graphs

@@ -112,7 +112,7 @@ def test_decode_fast_needs_a_prompt_only_snapkv():
             GraphDecoder(model, cache, ids[:, 40:41], graphs=False)
         scored = H2OPolicy(budget=16).make_cache(model, prompt_length=40)
         model(ids[:, :40], **cache_kwarg(model, scored))
-        with pytest.raises(ValueError, match="fuse=True is for the ring path"):
+        with pytest.raises(ValueError, match="fuse=True and triton=True are for the ring path"):
             GraphDecoder(model, scored, ids[:, 40:41], graphs=False, fuse=True)
 
 

@@ -27,7 +27,7 @@ POLICIES = {
 YARN = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 2048}
 
 
-def exact_and_fast(model, make_policy, ids, prompt, rebase_every=50, graphs=None, fuse=False):
+def exact_and_fast(model, make_policy, ids, prompt, rebase_every=50, graphs=None, fuse=False, triton=False):
     """Teacher-forced logits of the exact cache and of the fast path after the same prefill."""
     exact_logits, fast_logits = [], []
     with torch.inference_mode():
@@ -36,7 +36,7 @@ def exact_and_fast(model, make_policy, ids, prompt, rebase_every=50, graphs=None
         source = make_policy().make_cache(model, prompt_length=prompt)
         model(ids[:, :prompt], **cache_kwarg(model, source))
         decoder = GraphDecoder(model, source, ids[:, prompt : prompt + 1], max_new_tokens=ids.shape[1], graphs=graphs,
-                               rebase_every=rebase_every, fuse=fuse)
+                               rebase_every=rebase_every, fuse=fuse, triton=triton)
         try:
             for t in range(prompt, ids.shape[1]):
                 exact_logits.append(model(ids[:, t : t + 1], **cache_kwarg(model, exact)).logits[:, -1].float())
@@ -158,8 +158,10 @@ def test_reference_method_keeps_the_same_positions_as_lacache():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-@pytest.mark.parametrize("name, fuse", [("lacache S4 O2", False), ("streamingllm", False), ("lacache S4 O2", True)])
-def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse):
+@pytest.mark.parametrize("name, fuse, triton", [("lacache S4 O2", False, False), ("streamingllm", False, False),
+                                               ("lacache S4 O2", True, False), ("lacache S4 O2", True, True),
+                                               ("streamingllm", True, True)])
+def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse, triton):
     """bf16 tolerance, measured: the fast path may differ from the exact bf16 path by no more than
     the exact bf16 path itself differs from fp32 (its own rounding noise), with a small floor."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -175,16 +177,82 @@ def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse):
     big = {"lacache S4 O2": lambda: LaCachePolicy(budget=96, span=4, overlap=2, sink=4),
            "streamingllm": lambda: StreamingLLMPolicy(budget=96, sink=4)}[name]
     ids = torch.randint(0, 1024, (2, 128 + 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    exact, decoder, want, got = exact_and_fast(model16, big, ids, prompt=128, rebase_every=300, graphs=True, fuse=fuse)
+    exact, decoder, want, got = exact_and_fast(model16, big, ids, prompt=128, rebase_every=300, graphs=True, fuse=fuse,
+                                               triton=triton)
     _, _, want32, _ = exact_and_fast(model32, big, ids, prompt=128, rebase_every=300, graphs=False)
     noise = (want - want32).abs().max().item()
     error = (got - want).abs().max().item()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    print(f"{name}{' fused' if fuse else ''}: max|fast-exact| {error:.4f}, max|exact bf16 - fp32| {noise:.4f}, argmax agreement {agree:.4f}, "
+    print(f"{name}{' fused' if fuse else ''}{' triton' if triton else ''}: max|fast-exact| {error:.4f}, max|exact bf16 - fp32| {noise:.4f}, argmax agreement {agree:.4f}, "
           f"compactions {decoder.ring.compactions}")
     assert decoder.ring.compactions >= 900 and decoder.ring.wraps >= (5 if name.startswith("lacache") else 0)
     assert error <= max(noise, 0.02)
     assert torch.equal(decoder.ring.kept_positions(), exact.kept_positions()[:, 0, 0])
+
+
+def rotate_half_reference(x, cos, sin):
+    """RoFormer's rotation in the rotate_half layout, written out: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]), dim=-1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("heads, kv_heads, dim, capacity", [(9, 3, 64, 384), (32, 8, 128, 4224)])
+def test_triton_kernels_equal_a_written_out_reference(heads, kv_heads, dim, capacity):
+    """The Triton ring attention and rotary + cache write against float64 arithmetic written per slot:
+    compacted slots see the query rotated by the shift, tail slots the query as it is, free slots nothing.
+    SmolLM2's head layout (3 query heads per KV head, dim 64) and Llama-3-8B's (4, 128)."""
+    from lacache import triton_decode
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    batch, dtype = 2, torch.bfloat16
+    randn = lambda *shape: torch.randn(*shape, device="cuda", generator=gen).to(dtype)  # noqa: E731
+    keys, values = randn(batch, kv_heads, capacity, dim), randn(batch, kv_heads, capacity, dim)
+    query = randn(batch, heads, dim) * 4  # peaked scores: a slot scored with the wrong rotation shows
+    valid = torch.rand(capacity, device="cuda", generator=gen) < 0.7
+    valid[:128] = False  # a whole split free: its partial must not poison the merge
+    valid[200] = True
+    is_tail = torch.rand(capacity, device="cuda", generator=gen) < 0.5
+    angle = torch.rand(dim // 2, device="cuda", generator=gen) * 6
+    shift_cos, shift_sin = torch.cat((angle, angle)).cos().to(dtype), torch.cat((angle, angle)).sin().to(dtype)
+    scaling = dim**-0.5
+    got = triton_decode.ring_attention(query, keys, values, is_tail, valid, shift_cos, shift_sin, scaling)
+
+    q = query.double().view(batch, kv_heads, heads // kv_heads, dim)
+    q_compact = rotate_half_reference(q, shift_cos.double(), shift_sin.double())
+    scores = torch.where(is_tail, q @ keys.double().transpose(-1, -2), q_compact @ keys.double().transpose(-1, -2)) * scaling
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    want = (probs @ values.double()).reshape(batch, 1, heads * dim)
+    assert (got.double() - want).abs().max().item() < 0.03 and torch.isfinite(got).all()
+
+    qkv = randn(batch, 1, (heads + 2 * kv_heads) * dim)
+    angles = torch.rand(batch, 1, dim // 2, device="cuda", generator=gen) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
+    raw = torch.zeros_like(keys)
+    slot = torch.tensor([77], device="cuda")
+    before = keys.clone(), values.clone()
+    rotated_query = triton_decode.rope_write(qkv, cos, sin, slot, keys, raw, values, heads, kv_heads)
+    q, k, v = qkv.view(batch, heads + 2 * kv_heads, dim).double().split((heads, kv_heads, kv_heads), dim=1)
+    assert (rotated_query.double() - rotate_half_reference(q, cos.double(), sin.double())).abs().max().item() < 0.05
+    assert (keys[:, :, 77].double() - rotate_half_reference(k, cos.double(), sin.double())).abs().max().item() < 0.05
+    assert torch.equal(raw[:, :, 77], k.to(dtype)) and torch.equal(values[:, :, 77], v.to(dtype))
+    others = torch.arange(capacity, device="cuda") != 77
+    assert torch.equal(keys[:, :, others], before[0][:, :, others]) and torch.equal(values[:, :, others], before[1][:, :, others])
+
+
+def test_triton_decode_is_refused_off_cuda(tmp_path):
+    from lacache import bench
+
+    model, ids = tiny_llama(layers=8), torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = LaCachePolicy(budget=16, span=4, overlap=2, sink=2).make_cache(model, prompt_length=19)
+        model(ids[:, :19], **cache_kwarg(model, cache))
+        with pytest.raises(ValueError, match="triton=True is a variant of the fused step on CUDA"):
+            GraphDecoder(model, cache, ids[:, 19:], graphs=False, fuse=True, triton=True)
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny-shape", "--decode", "triton", "--plot", "", "--runs-dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("make", [lambda d: LaCachePolicy(budget=16, span=4, overlap=2, sink=2, decode=d),

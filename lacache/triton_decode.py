@@ -1,0 +1,151 @@
+"""Triton kernels of the fused decode step (``GraphDecoder(..., fuse=True, triton=True)``, CUDA only).
+
+Why: in the fused step the weight products already stream at the copy bandwidth; what kept it at
+1.28x of the weight-streaming bound on an H200 was ~14 small kernels per layer (docs/PERFORMANCE.md).
+Two of them go here:
+
+* :func:`ring_attention`: the ring attention of :func:`lacache.fast_decode.ring_scores` as
+  flash-decoding: one kernel scores a 128-slot split of the ring for every query head of a KV head
+  (query rotated at ``n`` for compacted slots, at ``T`` for tail slots), masks free slots, and
+  writes that split's softmax numerator, maximum and sum; a second kernel merges the splits.
+  This replaces the query rotation, two batched matrix products, the softmax and the split sum.
+* :func:`rope_write`: the fused q/k/v product's output split into heads, the query and key
+  rotated, and the new token's rotated key, raw key and value written into its ring slot; this
+  replaces the rotary kernel and the cache write.
+
+Scores and the softmax are fp32; the probabilities meet the values in the cache's dtype, as in the
+stock path. Equal to the stock fused step up to bf16 rounding (``tests/test_fast_decode.py``,
+``-m cuda``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SPLIT = 128  # slots per program: lacache.fast_decode.SPLIT (ring capacities are multiples of it)
+REDUCE_BLOCK = 64  # splits merged per loop iteration
+
+
+@triton.jit
+def _rotate(x, partner, d, cos, sin, D: tl.constexpr):
+    """``x`` (fp32, last axis ``d``) rotated by ``cos``/``sin``; ``partner`` is ``x`` at ``(d + D/2) % D``."""
+    return x * cos + tl.where(d < D // 2, -1.0, 1.0) * partner * sin
+
+
+@triton.jit
+def _attention_split(Q, K, V, IS_TAIL, VALID, COS, SIN, PART_O, PART_M, PART_L, scaling,
+                     stride_kb, stride_kh, stride_kn, kv_heads, splits,
+                     GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = bh // kv_heads, bh % kv_heads
+    g, d = tl.arange(0, G_PAD), tl.arange(0, D)
+    row = tl.minimum(g, GROUPS - 1)  # padded rows repeat the last head; their results are never read
+    q_rows = Q + ((b * kv_heads + h) * GROUPS + row)[:, None] * D
+    q_tail = tl.load(q_rows + d[None, :]).to(tl.float32)
+    partner = tl.load(q_rows + ((d + D // 2) % D)[None, :]).to(tl.float32)
+    cos, sin = tl.load(COS + d).to(tl.float32), tl.load(SIN + d).to(tl.float32)
+    q_compact = _rotate(q_tail, partner, d, cos, sin, D)
+    n = split * BLOCK + tl.arange(0, BLOCK)
+    kv_offsets = b * stride_kb + h * stride_kh + n[:, None] * stride_kn + d[None, :]
+    k = tl.load(K + kv_offsets)
+    s_tail = tl.dot(q_tail.to(k.dtype), tl.trans(k), input_precision=PRECISION)
+    s_compact = tl.dot(q_compact.to(k.dtype), tl.trans(k), input_precision=PRECISION)
+    tail = tl.load(IS_TAIL + n) != 0
+    valid = tl.load(VALID + n) != 0
+    s = tl.where(tail[None, :], s_tail, s_compact) * scaling
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # a split with no valid slot: p = 0
+    v = tl.load(V + kv_offsets)
+    acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    part = (bh * splits + split) * G_PAD + g
+    tl.store(PART_O + part[:, None] * D + d[None, :], acc)
+    tl.store(PART_M + part, m)
+    tl.store(PART_L + part, tl.sum(p, axis=1))
+
+
+@triton.jit
+def _attention_merge(PART_O, PART_M, PART_L, OUT, splits,
+                     GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    bh, g = tl.program_id(0), tl.program_id(1)
+    s, d = tl.arange(0, BLOCK), tl.arange(0, D)
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for start in range(0, splits, BLOCK):
+        rows = (bh * splits + start + s) * G_PAD + g
+        top = tl.maximum(top, tl.load(PART_M + rows, mask=start + s < splits, other=float("-inf")))
+    top_all = tl.max(top, axis=0)
+    total = tl.zeros((D,), tl.float32)
+    norm = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, splits, BLOCK):
+        inside = start + s < splits
+        rows = (bh * splits + start + s) * G_PAD + g
+        weight = tl.where(inside, tl.exp(tl.load(PART_M + rows, mask=inside, other=float("-inf")) - top_all), 0.0)
+        norm += weight * tl.load(PART_L + rows, mask=inside, other=0.0)
+        o = tl.load(PART_O + rows[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
+        total += tl.sum(o * weight[:, None], axis=0)
+    out = total / tl.sum(norm, axis=0)
+    tl.store(OUT + (bh * GROUPS + g) * D + d, out.to(OUT.dtype.element_ty))
+
+
+def ring_attention(query, keys, values, is_tail, valid, shift_cos, shift_sin, scaling: float) -> torch.Tensor:
+    """:func:`lacache.fast_decode.ring_scores` for a contiguous ``query`` ``[B, H, D]``; ``[B, 1, H * D]`` out."""
+    batch, heads, dim = query.shape
+    kv_heads, capacity = keys.shape[1], keys.shape[2]
+    if capacity % SPLIT or keys.stride(-1) != 1 or keys.stride() != values.stride() or not query.is_contiguous():
+        raise ValueError(f"ring_attention: capacity {capacity} must be a multiple of {SPLIT}, with contiguous rows")
+    groups, splits = heads // kv_heads, capacity // SPLIT
+    g_pad = max(16, triton.next_power_of_2(groups))  # tl.dot needs 16 rows
+    part_o = query.new_empty((batch * kv_heads * splits * g_pad, dim), dtype=torch.float32)
+    part_m = query.new_empty(batch * kv_heads * splits * g_pad, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    _attention_split[(batch * kv_heads, splits)](
+        query, keys, values, is_tail.view(torch.uint8), valid.view(torch.uint8), shift_cos, shift_sin, part_o, part_m,
+        part_l, scaling, keys.stride(0), keys.stride(1), keys.stride(2), kv_heads, splits,
+        GROUPS=groups, G_PAD=g_pad, D=dim, BLOCK=SPLIT, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32")
+    out = torch.empty_like(query)
+    _attention_merge[(batch * kv_heads, groups)](part_o, part_m, part_l, out, splits, GROUPS=groups, G_PAD=g_pad,
+                                                  D=dim, BLOCK=REDUCE_BLOCK)
+    return out.view(batch, 1, heads * dim)
+
+
+@triton.jit
+def _rope_write(QKV, COS, SIN, SLOT, QUERY, KEYS, RAW, VALUES, stride_qkv, stride_cos,
+                stride_kb, stride_kh, stride_kn, heads, kv_heads, HAS_RAW: tl.constexpr, D: tl.constexpr):
+    b, h = tl.program_id(0), tl.program_id(1)
+    d = tl.arange(0, D)
+    cos = tl.load(COS + b * stride_cos + d).to(tl.float32)
+    sin = tl.load(SIN + b * stride_cos + d).to(tl.float32)
+    row = QKV + b * stride_qkv + h * D
+    x = tl.load(row + d).to(tl.float32)
+    rotated = _rotate(x, tl.load(row + (d + D // 2) % D).to(tl.float32), d, cos, sin, D)
+    if h < heads:
+        tl.store(QUERY + (b * heads + h) * D + d, rotated.to(QUERY.dtype.element_ty))
+    else:
+        slot = tl.load(SLOT)
+        j = (h - heads) % kv_heads
+        at = b * stride_kb + j * stride_kh + slot * stride_kn + d
+        if h < heads + kv_heads:
+            tl.store(KEYS + at, rotated.to(KEYS.dtype.element_ty))
+            if HAS_RAW:
+                tl.store(RAW + at, x.to(RAW.dtype.element_ty))
+        else:
+            tl.store(VALUES + at, x.to(VALUES.dtype.element_ty))
+
+
+def rope_write(qkv, cos, sin, slot, keys, raw, values, heads: int, kv_heads: int) -> torch.Tensor:
+    """Split ``qkv`` ``[B, 1, (H + 2 H_kv) D]`` into heads, rotate q and k by ``cos``/``sin`` ``[B, 1, D]``,
+    write the rotated key (and the raw key into ``raw`` if given) and the value into physical slot
+    ``slot`` (a one-element device tensor) of ``keys``/``values`` ``[B, H_kv, capacity, D]``;
+    return the rotated query ``[B, H, D]``."""
+    batch = qkv.shape[0]
+    dim = qkv.shape[-1] // (heads + 2 * kv_heads)
+    if not (qkv.is_contiguous() and cos.stride(-1) == 1 and sin.stride() == cos.stride() and keys.stride() == values.stride()):
+        raise ValueError("rope_write: qkv must be contiguous, cos/sin alike, keys/values alike")
+    query = qkv.new_empty((batch, heads, dim))
+    _rope_write[(batch, heads + 2 * kv_heads)](
+        qkv, cos, sin, slot, query, keys, raw if raw is not None else keys, values, qkv.stride(0), cos.stride(0),
+        keys.stride(0), keys.stride(1), keys.stride(2), heads, kv_heads, HAS_RAW=raw is not None, D=dim)
+    return query
