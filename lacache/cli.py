@@ -15,7 +15,30 @@ def run(cfg: DictConfig) -> None:
     runner.main(cfg)
 
 
+def swept_group_settings(argv: list[str]) -> list[str]:
+    """``-m cache=h2o,tova cache.budget=256``: to set up a sweep, Hydra first applies every override but
+    the sweeps to the *default* config, whose cache (the full cache) has no ``budget``, and rejects the
+    line. A plain setting of a swept group is therefore passed on as ``++group.key=value`` (set, or add
+    where absent); each point still checks its settings against its own policy class."""
+    if not {"-m", "--multirun"} & set(argv):
+        return argv
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - a malformed line: Hydra reports it itself
+        return argv
+    swept = {o.key_or_group for o in overrides if o.is_sweep_override() and "." not in o.key_or_group and o.package is None}
+
+    def of_swept_group(arg: str) -> bool:
+        key = arg.split("=", 1)[0]
+        return "=" in arg and not arg.startswith(("-", "+", "~")) and "." in key and key.partition(".")[0] in swept
+
+    return [f"++{arg}" if of_swept_group(arg) else arg for arg in argv]
+
+
 def main() -> None:
+    sys.argv[1:] = swept_group_settings(sys.argv[1:])
     try:
         run()
     except SystemExit as stop:

@@ -143,6 +143,27 @@ def test_joblib_sweep_runs_points_in_parallel_and_wandb_groups_them(tiny, tmp_pa
     assert [wandb_run_groups(path) for path in run_files] == [[expected], [expected]]
 
 
+def test_a_setting_of_a_swept_cache_reaches_every_point(tiny, tmp_path):
+    """``cache=streamingllm,h2o cache.budget=12``: Hydra sets a sweep up on the default cache (the full
+    cache, which has no budget) and would reject the line; the command line passes it as ++cache.budget."""
+    result = sweep(*tiny, f"runs_dir={tmp_path}", "cache=streamingllm,h2o", "cache.budget=12", "cache.decode=exact")
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = read_all(tmp_path)
+    assert sorted((r["identity"]["cache"]["_target_"].rpartition(".")[2], r["identity"]["cache"]["budget"])
+                  for r in done.values()) == [("H2OPolicy", 12), ("StreamingLLMPolicy", 12)]
+
+
+def test_only_settings_of_swept_groups_are_rewritten():
+    from lacache.cli import swept_group_settings
+
+    assert swept_group_settings(["-m", "cache=h2o,tova", "cache.budget=256", "task.context_length=8192", "seed=0,1"]) == \
+        ["-m", "cache=h2o,tova", "++cache.budget=256", "task.context_length=8192", "seed=0,1"]
+    unchanged = [["cache=h2o", "cache.budget=256"],  # not a sweep
+                 ["-m", "cache=h2o", "cache.budget=128,256"],  # the group is not swept
+                 ["-m", "cache=h2o,tova", "+cache.foo=1", "~cache.sink"]]  # explicit prefixes stay as written
+    assert all(swept_group_settings(argv) == argv for argv in unchanged)
+
+
 def test_sweep_group_names():
     assert sweep_group(None) is None  # a single run: no group
     assert sweep_group("runs/.hydra/multirun/2025-06-01/12-00-00", "runs") == "sweep-2025-06-01_12-00-00"
