@@ -51,6 +51,7 @@ def _attention_split(Q, K, V, IS_TAIL, VALID, COS, SIN, PART_O, PART_M, PART_L, 
     n = split * BLOCK + tl.arange(0, BLOCK)
     kv_offsets = b * stride_kb + h * stride_kh + n[:, None] * stride_kn + d[None, :]
     k = tl.load(K + kv_offsets)
+    v = tl.load(V + kv_offsets)  # issued with the keys: both reads in flight at once
     s_tail = tl.dot(q_tail.to(k.dtype), tl.trans(k), input_precision=PRECISION)
     s_compact = tl.dot(q_compact.to(k.dtype), tl.trans(k), input_precision=PRECISION)
     tail = tl.load(IS_TAIL + n) != 0
@@ -59,7 +60,6 @@ def _attention_split(Q, K, V, IS_TAIL, VALID, COS, SIN, PART_O, PART_M, PART_L, 
     s = tl.where(valid[None, :], s, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])  # a split with no valid slot: p = 0
-    v = tl.load(V + kv_offsets)
     acc = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     part = (bh * splits + split) * G_PAD + g
     tl.store(PART_O + part[:, None] * D + d[None, :], acc)
@@ -70,24 +70,27 @@ def _attention_split(Q, K, V, IS_TAIL, VALID, COS, SIN, PART_O, PART_M, PART_L, 
 @triton.jit
 def _attention_merge(PART_O, PART_M, PART_L, OUT, splits,
                      GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over the splits, ``BLOCK`` at a time, rescaling the running sums as the maximum grows
+    (a ring of up to ``BLOCK * 128`` slots: one iteration, every read in flight at once)."""
     bh, g = tl.program_id(0), tl.program_id(1)
     s, d = tl.arange(0, BLOCK), tl.arange(0, D)
-    top = tl.full((BLOCK,), float("-inf"), tl.float32)
-    for start in range(0, splits, BLOCK):
-        rows = (bh * splits + start + s) * G_PAD + g
-        top = tl.maximum(top, tl.load(PART_M + rows, mask=start + s < splits, other=float("-inf")))
-    top_all = tl.max(top, axis=0)
+    top = tl.full((1,), float("-inf"), tl.float32)  # [1] tensors: loop-carried values keep one type
     total = tl.zeros((D,), tl.float32)
-    norm = tl.zeros((BLOCK,), tl.float32)
+    norm = tl.zeros((1,), tl.float32)
     for start in range(0, splits, BLOCK):
         inside = start + s < splits
         rows = (bh * splits + start + s) * G_PAD + g
-        weight = tl.where(inside, tl.exp(tl.load(PART_M + rows, mask=inside, other=float("-inf")) - top_all), 0.0)
-        norm += weight * tl.load(PART_L + rows, mask=inside, other=0.0)
+        m = tl.load(PART_M + rows, mask=inside, other=float("-inf"))
+        l = tl.load(PART_L + rows, mask=inside, other=0.0)
         o = tl.load(PART_O + rows[:, None] * D + d[None, :], mask=inside[:, None], other=0.0)
-        total += tl.sum(o * weight[:, None], axis=0)
-    out = total / tl.sum(norm, axis=0)
-    tl.store(OUT + (bh * GROUPS + g) * D + d, out.to(OUT.dtype.element_ty))
+        new_top = tl.maximum(top, tl.max(m, axis=0))
+        base = tl.where(new_top == float("-inf"), 0.0, new_top)  # only empty splits so far: weights 0
+        weight = tl.exp(m - base)
+        scale = tl.exp(top - base)
+        total = total * scale + tl.sum(o * weight[:, None], axis=0)
+        norm = norm * scale + tl.sum(weight * l, axis=0)
+        top = new_top
+    tl.store(OUT + (bh * GROUPS + g) * D + d, (total / norm).to(OUT.dtype.element_ty))
 
 
 def ring_attention(query, keys, values, is_tail, valid, shift_cos, shift_sin, scaling: float) -> torch.Tensor:

@@ -5,6 +5,9 @@ graphs and checks bf16 logits over 1,000 steps with compactions, wraps and rebas
 GPU machine: ``pytest -m cuda``; it is skipped without CUDA).
 """
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
@@ -197,25 +200,34 @@ def rotate_half_reference(x, cos, sin):
     return torch.cat((x1 * cos[..., :half] - x2 * sin[..., :half], x2 * cos[..., half:] + x1 * sin[..., half:]), dim=-1)
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-@pytest.mark.parametrize("heads, kv_heads, dim, capacity", [(9, 3, 64, 384), (32, 8, 128, 4224)])
-def test_triton_kernels_equal_a_written_out_reference(heads, kv_heads, dim, capacity):
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
+                    reason="needs a CUDA GPU (run on the device machine), or Triton's interpreter: TRITON_INTERPRET=1 with triton installed")
+@pytest.mark.parametrize("heads, kv_heads, dim, capacity, empty", [(9, 3, 64, 384, 1), (32, 8, 128, 4224, 1),
+                                                                   (4, 1, 64, 128 * 70, 1), (4, 1, 64, 128 * 70, 64)])
+def test_triton_kernels_equal_a_written_out_reference(heads, kv_heads, dim, capacity, empty):
     """The Triton ring attention and rotary + cache write against float64 arithmetic written per slot:
     compacted slots see the query rotated by the shift, tail slots the query as it is, free slots nothing.
-    SmolLM2's head layout (3 query heads per KV head, dim 64) and Llama-3-8B's (4, 128)."""
+    SmolLM2's head layout (3 query heads per KV head, dim 64) and Llama-3-8B's (4, 128); ``empty`` leading
+    128-slot splits hold no valid slot (70 splits: the merge takes two passes; with 64 empty, its first sees none). Without a GPU, under
+    Triton's interpreter, in fp32 (its bf16 matrix product is broken)."""
     from lacache import triton_decode
 
-    gen = torch.Generator("cuda").manual_seed(0)
-    batch, dtype = 2, torch.bfloat16
-    randn = lambda *shape: torch.randn(*shape, device="cuda", generator=gen).to(dtype)  # noqa: E731
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(0)
+    batch, dtype = 2, torch.bfloat16 if device == "cuda" else torch.float32
+    tolerance = 0.03 if dtype == torch.bfloat16 else 1e-4  # bf16: the probabilities meet the values rounded
+    randn = lambda *shape: torch.randn(*shape, device=device, generator=gen).to(dtype)  # noqa: E731
     keys, values = randn(batch, kv_heads, capacity, dim), randn(batch, kv_heads, capacity, dim)
     query = randn(batch, heads, dim) * 4  # peaked scores: a slot scored with the wrong rotation shows
-    valid = torch.rand(capacity, device="cuda", generator=gen) < 0.7
-    valid[:128] = False  # a whole split free: its partial must not poison the merge
-    valid[200] = True
-    is_tail = torch.rand(capacity, device="cuda", generator=gen) < 0.5
-    angle = torch.rand(dim // 2, device="cuda", generator=gen) * 6
+    valid = torch.rand(capacity, device=device, generator=gen) < 0.7
+    valid[: empty * 128] = False  # whole splits free: their partials must not poison the merge
+    valid[empty * 128 + 72] = True
+    is_tail = torch.rand(capacity, device=device, generator=gen) < 0.5
+    angle = torch.rand(dim // 2, device=device, generator=gen) * 6
     shift_cos, shift_sin = torch.cat((angle, angle)).cos().to(dtype), torch.cat((angle, angle)).sin().to(dtype)
     scaling = dim**-0.5
     got = triton_decode.ring_attention(query, keys, values, is_tail, valid, shift_cos, shift_sin, scaling)
@@ -225,20 +237,20 @@ def test_triton_kernels_equal_a_written_out_reference(heads, kv_heads, dim, capa
     scores = torch.where(is_tail, q @ keys.double().transpose(-1, -2), q_compact @ keys.double().transpose(-1, -2)) * scaling
     probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
     want = (probs @ values.double()).reshape(batch, 1, heads * dim)
-    assert (got.double() - want).abs().max().item() < 0.03 and torch.isfinite(got).all()
+    assert (got.double() - want).abs().max().item() < tolerance and torch.isfinite(got).all()
 
     qkv = randn(batch, 1, (heads + 2 * kv_heads) * dim)
-    angles = torch.rand(batch, 1, dim // 2, device="cuda", generator=gen) * 6
+    angles = torch.rand(batch, 1, dim // 2, device=device, generator=gen) * 6
     cos, sin = torch.cat((angles, angles), -1).cos().to(dtype), torch.cat((angles, angles), -1).sin().to(dtype)
     raw = torch.zeros_like(keys)
-    slot = torch.tensor([77], device="cuda")
+    slot = torch.tensor([77], device=device)
     before = keys.clone(), values.clone()
     rotated_query = triton_decode.rope_write(qkv, cos, sin, slot, keys, raw, values, heads, kv_heads)
     q, k, v = qkv.view(batch, heads + 2 * kv_heads, dim).double().split((heads, kv_heads, kv_heads), dim=1)
-    assert (rotated_query.double() - rotate_half_reference(q, cos.double(), sin.double())).abs().max().item() < 0.05
-    assert (keys[:, :, 77].double() - rotate_half_reference(k, cos.double(), sin.double())).abs().max().item() < 0.05
+    assert (rotated_query.double() - rotate_half_reference(q, cos.double(), sin.double())).abs().max().item() < 2 * tolerance
+    assert (keys[:, :, 77].double() - rotate_half_reference(k, cos.double(), sin.double())).abs().max().item() < 2 * tolerance
     assert torch.equal(raw[:, :, 77], k.to(dtype)) and torch.equal(values[:, :, 77], v.to(dtype))
-    others = torch.arange(capacity, device="cuda") != 77
+    others = torch.arange(capacity, device=device) != 77
     assert torch.equal(keys[:, :, others], before[0][:, :, others]) and torch.equal(values[:, :, others], before[1][:, :, others])
 
 
