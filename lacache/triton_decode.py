@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 
 SPLIT = 128  # slots per program: lacache.fast_decode.SPLIT (ring capacities are multiples of it)
+# Measured on an H200 (8B shape, 4,224 slots): 8 warps per split program 8.4 us, 4 warps 9.4, 2 warps
+# slower still; 64-slot splits 9.1 us plus a slower merge (docs/PERFORMANCE.md).
 REDUCE_BLOCK = 64  # splits merged per loop iteration
 
 
@@ -107,7 +109,7 @@ def ring_attention(query, keys, values, is_tail, valid, shift_cos, shift_sin, sc
     _attention_split[(batch * kv_heads, splits)](
         query, keys, values, is_tail.view(torch.uint8), valid.view(torch.uint8), shift_cos, shift_sin, part_o, part_m,
         part_l, scaling, keys.stride(0), keys.stride(1), keys.stride(2), kv_heads, splits,
-        GROUPS=groups, G_PAD=g_pad, D=dim, BLOCK=SPLIT, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32")
+        GROUPS=groups, G_PAD=g_pad, D=dim, BLOCK=SPLIT, num_warps=8, PRECISION="ieee" if keys.dtype == torch.float32 else "tf32")
     out = torch.empty_like(query)
     _attention_merge[(batch * kv_heads, groups)](part_o, part_m, part_l, out, splits, GROUPS=groups, G_PAD=g_pad,
                                                   D=dim, BLOCK=REDUCE_BLOCK)
