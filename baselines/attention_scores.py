@@ -31,18 +31,20 @@ def attention_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: floa
 
     ``query`` ``[B, Hq, Q, D]`` rotated as attention uses it, ``keys`` ``[B, Hkv, N, D]`` as
     attention reads them; query ``i`` is the token held at slot ``N - Q + i`` and sees the slots up
-    to it. Returns fp32 ``[B, Hkv, N]``, computed in query chunks (never an N x N matrix).
+    to it. Returns fp32 ``[B, Hkv, N]``, computed in query chunks (never an N x N matrix). The logits
+    are the product in the inputs' dtype, the softmax and the sums fp32, as the H2O reference computes
+    its weights (``softmax(q @ k.T / sqrt(d), dtype=float32)``); for a bf16 model the product runs on
+    tensor cores, which is most of an 8K prompt's scoring time otherwise.
     """
     batch, q_heads, count, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
-    query = query.float().reshape(batch, kv_heads, q_heads // kv_heads, count, dim)
-    keys = keys.float()
+    query = query.reshape(batch, kv_heads, q_heads // kv_heads, count, dim).to(keys.dtype)
     columns = torch.arange(length, device=keys.device)
     totals = torch.zeros(batch, kv_heads, length, dtype=torch.float32, device=keys.device)
     step = max(1, SCORE_CHUNK_ELEMENTS // max(1, q_heads * length))
     for start in range(0, count, step):
         end = min(count, start + step)
-        logits = torch.einsum("bhgqd,bhkd->bhgqk", query[:, :, :, start:end], keys) * scaling
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", query[:, :, :, start:end], keys).float() * scaling
         if count > 1:
             last = torch.arange(start, end, device=keys.device)[:, None] + (length - count)
             logits = logits.masked_fill(columns > last, float("-inf"))

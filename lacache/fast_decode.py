@@ -105,6 +105,12 @@ def _rms_norm(x, weight, eps: float):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
 
 
+def _greedy(logits):
+    """The next token of each row: on a GPU ATen's argmax reduces a 128K-wide row in one block (36 us on
+    an H200); compiled, it is a split reduction."""
+    return logits.argmax(dim=-1, keepdim=True)
+
+
 def _silu_mul(gate, up):
     return torch.nn.functional.silu(gate) * up
 
@@ -126,6 +132,7 @@ class Kernels:
             raise ValueError("triton=True is a variant of the fused step on CUDA: it needs fuse=True on a CUDA device")
         compile_ = (lambda fn: torch.compile(fn, fullgraph=True, dynamic=False)) if fuse and compile else (lambda fn: fn)
         self.scores, self.rotate, self.claim = compile_(ring_scores), compile_(rotate), compile_(claim_slot)
+        self.greedy = compile_(_greedy)
         self.patches: list[tuple] = []
         self.step: FusedStep | None = None
         if not fuse:
@@ -532,7 +539,7 @@ class GraphDecoder:
                                         use_cache=True).logits[:, -1]
             finally:
                 config._attn_implementation = usual
-        self.ids.copy_(logits.argmax(dim=-1, keepdim=True))
+        self.ids.copy_(self.ring.kernels.greedy(logits))
         self.ring.end_step()
         return logits
 

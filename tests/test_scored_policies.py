@@ -108,6 +108,14 @@ def test_attention_column_sums_match_a_direct_softmax():
     logits = logits.masked_fill(torch.ones(5, 9, dtype=torch.bool).triu(9 - 5 + 1), float("-inf"))
     expected = torch.softmax(logits, -1).sum(2).reshape(1, 2, 2, 9).sum(2)
     torch.testing.assert_close(attention_column_sums(query, keys, 0.3), expected)
+    # bf16: the logits are the bf16 product (the H2O reference's), softmax and sums in fp32
+    query16, keys16 = query.bfloat16(), keys.bfloat16()
+    logits16 = torch.einsum("bhqd,bhkd->bhqk", query16, keys16.repeat_interleave(2, dim=1)).float() * 0.3
+    logits16 = logits16.masked_fill(torch.ones(5, 9, dtype=torch.bool).triu(9 - 5 + 1), float("-inf"))
+    expected16 = torch.softmax(logits16, -1).sum(2).reshape(1, 2, 2, 9).sum(2)
+    got16 = attention_column_sums(query16, keys16, 0.3)
+    assert got16.dtype == torch.float32
+    torch.testing.assert_close(got16, expected16, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- against the model's weights
