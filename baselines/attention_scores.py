@@ -34,7 +34,7 @@ def attention_column_sums(query: torch.Tensor, keys: torch.Tensor, scaling: floa
     to it. Returns fp32 ``[B, Hkv, N]``, computed in query chunks (never an N x N matrix). The logits
     are the product in the inputs' dtype, the softmax and the sums fp32, as the H2O reference computes
     its weights (``softmax(q @ k.T / sqrt(d), dtype=float32)``); for a bf16 model the product runs on
-    tensor cores, which is most of an 8K prompt's scoring time otherwise.
+    tensor cores (H2O's 8K prefill on an H200: 1.85 -> 1.5-1.85 s; the softmax and sums are the rest).
     """
     batch, q_heads, count, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
