@@ -337,7 +337,8 @@ def generate_batch(
             decoder = GraphDecoder(model, cache, torch.tensor(tokens, device=device)[:, None], max_new_tokens=max_new_tokens)
             step_fn = _fast_step(decoder)
         active = list(range(batch))
-        with _closing(decoder), Stopwatch(device) as decode_clock:
+        release = contextlib.closing(decoder) if decoder is not None else contextlib.nullcontext()
+        with release, Stopwatch(device) as decode_clock:  # the fast decoder is released however decoding ends
             while True:
                 for row in list(active):
                     token, out = tokens[row], generated[row]
@@ -378,17 +379,6 @@ def generate_batch(
         )
         for row in range(batch)
     ]
-
-
-@contextlib.contextmanager
-def _closing(decoder):
-    """Release a fast decoder's graphs and buffers however the decode loop ends (an out-of-memory
-    error included, after which the rows are retried in smaller batches)."""
-    try:
-        yield
-    finally:
-        if decoder is not None:
-            decoder.close()
 
 
 @dataclass
