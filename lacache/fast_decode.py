@@ -278,6 +278,8 @@ class FusedStep:
             self.triton = triton_decode
 
     def __call__(self, ring: RingCache, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.triton is not None:
+            return self._triton_step(ring, ids, position_ids)
         linear = torch.nn.functional.linear
         kernels, raw = ring.kernels, ring.raw is not None
         h = self.inner.embed_tokens(ids)
@@ -288,19 +290,37 @@ class FusedStep:
                 x, residual = self.norm(h, norm1.weight, norm1.variance_epsilon), h
             else:
                 x, residual = self.add_norm(h, residual, norm1.weight, norm1.variance_epsilon)
-            if self.triton is not None:  # rotary + cache write, then flash-decoding: 3 kernels
-                query = self.triton.rope_write(linear(x, qkv, qkv_bias), cos, sin, ring.slot[i : i + 1], ring.keys[i],
-                                               ring.raw[i] if raw else None, ring.values[i], self.heads, self.kv_heads)
-                out = self.triton.ring_attention(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i],
-                                                 ring.shift_cos, ring.shift_sin, scaling)
-            else:
-                query, entries = self.rope(linear(x, qkv, qkv_bias), cos, sin, self.heads, self.kv_heads, raw)
-                ring.kv[:, i].index_copy_(3, ring.slot[i : i + 1], entries)
-                out = kernels.scores(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i], ring.shift_cos,
-                                     ring.shift_sin, scaling)
+            query, entries = self.rope(linear(x, qkv, qkv_bias), cos, sin, self.heads, self.kv_heads, raw)
+            ring.kv[:, i].index_copy_(3, ring.slot[i : i + 1], entries)
+            out = kernels.scores(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i], ring.shift_cos,
+                                 ring.shift_sin, scaling)
             x, residual = self.add_norm(linear(out.flatten(2), wo), residual, norm2.weight, norm2.variance_epsilon)
             h = linear(self.silu_mul(linear(x, gate_up)), down)
         x, _ = self.add_norm(h, residual, self.inner.norm.weight, self.inner.norm.variance_epsilon)
+        return self.model.lm_head(x)[:, -1]
+
+    def _triton_step(self, ring: RingCache, ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """The same step in 7 kernels per layer: each product a Triton matrix-vector kernel that first
+        applies what precedes it (the skip connection and RMSNorm before q/k/v and gate/up, SiLU x up
+        before down), then rotary + cache write, the two attention kernels."""
+        kernels, raw = self.triton, ring.raw is not None
+        residual = self.inner.embed_tokens(ids)
+        cos, sin = self.inner.rotary_emb(residual, position_ids)
+        delta = None
+        for i, (norm1, qkv, qkv_bias, wo, scaling, norm2, gate_up, down) in enumerate(self.layers):
+            if delta is None:
+                projected = kernels.matvec(residual, qkv, qkv_bias, kernels.NORM, residual, norm1.weight, norm1.variance_epsilon)
+            else:
+                projected, residual = kernels.matvec(delta, qkv, qkv_bias, kernels.NORM, residual, norm1.weight,
+                                                     norm1.variance_epsilon, add=True)
+            query = kernels.rope_write(projected, cos, sin, ring.slot[i : i + 1], ring.keys[i], ring.raw[i] if raw else None,
+                                       ring.values[i], self.heads, self.kv_heads)
+            out = kernels.ring_attention(query, ring.keys[i], ring.values[i], ring.is_tail[i], ring.valid[i],
+                                         ring.shift_cos, ring.shift_sin, scaling)
+            hidden, residual = kernels.matvec(kernels.matvec(out, wo), gate_up, None, kernels.NORM, residual, norm2.weight,
+                                              norm2.variance_epsilon, add=True)
+            delta = kernels.matvec(hidden, down, None, kernels.SILU)
+        x, _ = self.add_norm(delta, residual, self.inner.norm.weight, self.inner.norm.variance_epsilon)
         return self.model.lm_head(x)[:, -1]
 
 

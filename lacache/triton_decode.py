@@ -155,3 +155,79 @@ def rope_write(qkv, cos, sin, slot, keys, raw, values, heads: int, kv_heads: int
         qkv, cos, sin, slot, query, keys, raw if raw is not None else keys, values, qkv.stride(0), cos.stride(0),
         keys.stride(0), keys.stride(1), keys.stride(2), heads, kv_heads, HAS_RAW=raw is not None, D=dim)
     return query
+
+
+NONE, NORM, SILU = 0, 1, 2  # what a product does to its input vector first (_matvec's PROLOGUE)
+
+
+@triton.jit
+def _matvec(X, W, BIAS, OUT, RESIDUAL, NORM_W, RESIDUAL_OUT, N, K, stride_x, stride_w, stride_r, eps,
+            PROLOGUE: tl.constexpr, ADD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, K_PAD: tl.constexpr):
+    """``OUT[b] = W @ x[b] (+ BIAS)`` for one batch row ``b`` (axis 0, fastest, so rows share the weight tiles in
+    L2) and ``BLOCK_N`` output rows (axis 1), where ``x`` is ``X`` (NONE), ``silu(X[:K]) * X[K:]`` (SILU),
+    or the RMSNorm of ``RESIDUAL + X`` (NORM with ADD; program 0 of each row stores that sum in
+    ``RESIDUAL_OUT``) or of ``RESIDUAL`` (NORM), rounded to the model's dtype where the stock modules round."""
+    b, block = tl.program_id(0), tl.program_id(1)
+    n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_in = n < N
+    k0 = tl.arange(0, BLOCK_K)
+    dtype = W.dtype.element_ty
+    x_row, r_row = X + b * stride_x, RESIDUAL + b * stride_r
+    if PROLOGUE == 1:
+        whole = tl.arange(0, K_PAD)
+        total = tl.load(r_row + whole, mask=whole < K, other=0.0)
+        if ADD:
+            total = (total.to(tl.float32) + tl.load(x_row + whole, mask=whole < K, other=0.0).to(tl.float32)).to(dtype)
+        total = total.to(tl.float32)
+        inverse_rms = 1.0 / tl.sqrt(tl.sum(total * total, axis=0) / K + eps)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k = start + k0
+        k_in = k < K
+        if PROLOGUE == 1:
+            t = tl.load(r_row + k, mask=k_in, other=0.0)
+            if ADD:
+                t = (t.to(tl.float32) + tl.load(x_row + k, mask=k_in, other=0.0).to(tl.float32)).to(dtype)
+                if block == 0:
+                    tl.store(RESIDUAL_OUT + b * stride_r + k, t, mask=k_in)
+            normed = (t.to(tl.float32) * inverse_rms).to(dtype)
+            x = (tl.load(NORM_W + k, mask=k_in, other=0.0).to(tl.float32) * normed.to(tl.float32)).to(dtype)
+        elif PROLOGUE == 2:
+            gate = tl.load(x_row + k, mask=k_in, other=0.0).to(tl.float32)
+            up = tl.load(x_row + K + k, mask=k_in, other=0.0).to(tl.float32)
+            x = (gate / (1.0 + tl.exp(-gate)) * up).to(dtype)
+        else:
+            x = tl.load(x_row + k, mask=k_in, other=0.0)
+        w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=n_in[:, None] & k_in[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(BIAS + n, mask=n_in, other=0.0).to(tl.float32)
+    tl.store(OUT + b * N + n, out.to(OUT.dtype.element_ty), mask=n_in)
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the products, by weight shape (N, K); see docs/PERFORMANCE.md
+MATVEC_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+MATVEC_DEFAULT = (16, 512, 4, 3)
+
+
+def matvec(x, weight, bias=None, prologue: int = NONE, residual=None, norm_weight=None, eps: float = 0.0,
+           add: bool = False):
+    """``weight @ x (+ bias)`` for ``x`` ``[B, 1, K]`` (``[B, 1, 2K]`` for SILU) and ``weight`` ``[N, K]``;
+    with NORM, ``x`` is the RMSNorm (``norm_weight``, ``eps``) of ``residual + x`` (``add``) or of
+    ``residual``. Returns ``[B, 1, N]`` and, with ``add``, the new residual ``residual + x``."""
+    n_out, k = weight.shape
+    batch = x.shape[0]
+    if weight.stride(-1) != 1 or x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+        raise ValueError("matvec: weight, x and residual need contiguous rows")
+    block_n, block_k, warps, stages = MATVEC_CONFIGS.get((n_out, k), MATVEC_DEFAULT)
+    out = x.new_empty((batch, 1, n_out))
+    residual_out = torch.empty_like(residual) if add else None
+    _matvec[(batch, triton.cdiv(n_out, block_n))](
+        x, weight, bias if bias is not None else weight, out, residual if residual is not None else x,
+        norm_weight if norm_weight is not None else weight, residual_out if add else out, n_out, k, x.stride(0),
+        weight.stride(0), residual.stride(0) if residual is not None else 0, eps, PROLOGUE=prologue, ADD=add,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, K_PAD=triton.next_power_of_2(k),
+        num_warps=warps, num_stages=stages)
+    return (out, residual_out) if add else out

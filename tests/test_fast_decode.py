@@ -254,6 +254,44 @@ def test_triton_kernels_equal_a_written_out_reference(heads, kv_heads, dim, capa
     assert torch.equal(keys[:, :, others], before[0][:, :, others]) and torch.equal(values[:, :, others], before[1][:, :, others])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
+                    reason="needs a CUDA GPU (run on the device machine), or Triton's interpreter: TRITON_INTERPRET=1 with triton installed")
+@pytest.mark.parametrize("rows, width", [(960, 576), (200, 1536)])  # SmolLM2's q/k/v; a ragged last block
+def test_triton_products_equal_a_written_out_reference(rows, width):
+    """The fused step's Triton products against float64 arithmetic: plain, with a bias, after
+    SiLU(gate) x up, and after the skip connection's sum and its RMSNorm (whose sum each batch row
+    gets back once, in a new tensor: the input residual is left as it was)."""
+    from lacache import triton_decode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tolerance = 0.05 if dtype == torch.bfloat16 else 1e-4
+    randn = lambda *shape: torch.randn(*shape, device=device, generator=gen).to(dtype)  # noqa: E731
+    weight, bias = randn(rows, width) * 0.05, randn(rows)
+    x, gate_up, residual = randn(3, 1, width), randn(3, 1, 2 * width), randn(3, 1, width) * 3
+    norm_weight = (torch.rand(width, device=device, generator=gen) + 0.5).to(dtype)
+    before = residual.clone()
+
+    def product(vector):
+        return vector @ weight.double().T
+
+    def close(got, want):
+        return (got.double() - want.double()).abs().max().item() < tolerance
+
+    assert close(triton_decode.matvec(x, weight), product(x.double()))
+    assert close(triton_decode.matvec(x, weight, bias), product(x.double()) + bias.double())
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    assert close(triton_decode.matvec(gate_up, weight, None, triton_decode.SILU), product(gate / (1 + (-gate).exp()) * up))
+    total = residual.double() + x.double()
+    normed = total / (total.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm_weight.double()
+    got, new_residual = triton_decode.matvec(x, weight, None, triton_decode.NORM, residual, norm_weight, 1e-5, add=True)
+    assert close(got, product(normed)) and close(new_residual, total) and torch.equal(residual, before)
+    alone = residual.double() / (residual.double().pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * norm_weight.double()
+    assert close(triton_decode.matvec(residual, weight, None, triton_decode.NORM, residual, norm_weight, 1e-5), product(alone))
+
+
 def test_triton_decode_is_refused_off_cuda(tmp_path):
     from lacache import bench
 
