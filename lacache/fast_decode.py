@@ -26,8 +26,9 @@ tail of every layer's cache by a few slots on every step. Here neither happens:
   one q/k/v and one gate/up matrix product per layer over the model's own weights stacked in place,
   and one compiled kernel per elementwise chain, so that the weight products, which stream at the
   copy bandwidth, are most of the step (docs/PERFORMANCE.md: 1.27-1.33x the weight-streaming
-  bound on an H200). ``triton=True`` (CUDA) also replaces the rotary + cache write and the ring
-  attention with the kernels of :mod:`lacache.triton_decode` (flash-decoding: 3 kernels for 7).
+  bound on an H200). ``triton=True`` (CUDA) runs each layer as the 7 kernels of
+  :mod:`lacache.triton_decode` (matrix-vector products with the norms and SiLU as their prologues,
+  rotary + cache write, flash-decoding attention): 1.15-1.17x the bound for StreamingLLM and LaCache.
 
 Logits equal the exact path's up to floating-point rounding (tests on CPU in fp32, and over 1,000
 bf16 steps with compactions and wraps on a GPU). Decode only (one token per step, batch of equal

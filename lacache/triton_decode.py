@@ -1,9 +1,13 @@
 """Triton kernels of the fused decode step (``GraphDecoder(..., fuse=True, triton=True)``, CUDA only).
 
-Why: in the fused step the weight products already stream at the copy bandwidth; what kept it at
-1.28x of the weight-streaming bound on an H200 was ~14 small kernels per layer (docs/PERFORMANCE.md).
-Two of them go here:
+Why: in the fused step cuBLAS streams the big weight products at the copy bandwidth; what kept the
+step at 1.28x of the weight-streaming bound on an H200 was ~13 kernels per layer and the time between
+them (docs/PERFORMANCE.md). Here a layer is 7:
 
+* :func:`matvec`: each weight product as a matrix-vector kernel that first applies what precedes
+  it in the decoder: the skip connection's sum and the RMSNorm before q/k/v and gate/up, SiLU(gate)
+  x up before down. This replaces cuBLAS's products, their split-K reduce kernels, the two
+  RMSNorm kernels and the SiLU kernel.
 * :func:`ring_attention`: the ring attention of :func:`lacache.fast_decode.ring_scores` as
   flash-decoding: one kernel scores a 128-slot split of the ring for every query head of a KV head
   (query rotated at ``n`` for compacted slots, at ``T`` for tail slots), masks free slots, and
@@ -207,21 +211,25 @@ def _matvec(X, W, BIAS, OUT, RESIDUAL, NORM_W, RESIDUAL_OUT, N, K, stride_x, str
     tl.store(OUT + b * N + n, out.to(OUT.dtype.element_ty), mask=n_in)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) of the products, by weight shape (N, K); see docs/PERFORMANCE.md
-MATVEC_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
-MATVEC_DEFAULT = (16, 512, 4, 3)
+def matvec_config(rows: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a product with ``rows`` output rows. From a grid
+    on an H200 (Llama-3-8B's four products, docs/data/gpu_h200_matvec/): 16-row blocks throughout; wide
+    products (gate/up: 1,792 programs, many per SM) stream best with 256-wide tiles and 4 warps, the
+    narrower ones (q/k/v, output, down: 256-384 programs) with 512-wide tiles and 8 warps."""
+    return (16, 256, 4, 2) if rows >= 16384 else (16, 512, 8, 2)
 
 
 def matvec(x, weight, bias=None, prologue: int = NONE, residual=None, norm_weight=None, eps: float = 0.0,
-           add: bool = False):
+           add: bool = False, config: tuple[int, int, int, int] | None = None):
     """``weight @ x (+ bias)`` for ``x`` ``[B, 1, K]`` (``[B, 1, 2K]`` for SILU) and ``weight`` ``[N, K]``;
     with NORM, ``x`` is the RMSNorm (``norm_weight``, ``eps``) of ``residual + x`` (``add``) or of
-    ``residual``. Returns ``[B, 1, N]`` and, with ``add``, the new residual ``residual + x``."""
+    ``residual``. Returns ``[B, 1, N]`` and, with ``add``, the new residual ``residual + x``. ``config``:
+    see :func:`matvec_config`."""
     n_out, k = weight.shape
     batch = x.shape[0]
     if weight.stride(-1) != 1 or x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("matvec: weight, x and residual need contiguous rows")
-    block_n, block_k, warps, stages = MATVEC_CONFIGS.get((n_out, k), MATVEC_DEFAULT)
+    block_n, block_k, warps, stages = config or matvec_config(n_out)
     out = x.new_empty((batch, 1, n_out))
     residual_out = torch.empty_like(residual) if add else None
     _matvec[(batch, triton.cdiv(n_out, block_n))](

@@ -81,9 +81,9 @@ def main():
         for block_n, block_k, warps, stages in itertools.product((8, 16, 32), (256, 512, 1024), (4, 8), (2, 4)):
             if not 4096 <= block_n * block_k <= 16384:
                 continue
-            td.MATVEC_CONFIGS[(n, k)] = (block_n, block_k, warps, stages)
-            kwargs = dict(prologue=prologue, residual=residual, norm_weight=norm_w, eps=1e-5, add=True) if prologue == td.NORM \
-                else dict(prologue=prologue)
+            config = (block_n, block_k, warps, stages)
+            kwargs = dict(config=config, prologue=prologue, residual=residual, norm_weight=norm_w, eps=1e-5, add=True) if prologue == td.NORM \
+                else dict(config=config, prologue=prologue)
             try:
                 got = td.matvec(x, weights[0], **kwargs)
                 got = (got[0] if isinstance(got, tuple) else got).float()
