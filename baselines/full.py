@@ -64,6 +64,7 @@ class FullCachePolicy(CachePolicy):
     name: ClassVar[str] = "full"
     exact_chunks: ClassVar[bool] = True
     fast_decode: ClassVar[bool] = True
+    ring_decode: ClassVar[bool] = True
 
     def make_cache(self, model, prompt_length=None) -> FullCache:
         return FullCache(text_config(model.config))

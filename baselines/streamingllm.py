@@ -40,6 +40,7 @@ class SinkWindowCache(CompactingCache):
 class StreamingLLMPolicy(CachePolicy):
     name: ClassVar[str] = "streamingllm"
     fast_decode: ClassVar[bool] = True
+    ring_decode: ClassVar[bool] = True
 
     budget: int | float | None = 256
     sink: int = 4

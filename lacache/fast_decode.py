@@ -174,13 +174,21 @@ class Kernels:
 FUSABLE_TYPES = ("llama", "mistral", "qwen2")  # pre-norm RMSNorm decoders with q/k/v/o and a SiLU-gated MLP
 
 
-def fusable(model) -> str | None:
-    """Why :class:`FusedStep` cannot run ``model``'s decode step (``None``: it can)."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def fusable_config(config) -> str | None:
+    """Why :class:`FusedStep` cannot run a model with this config (``None``: its config allows it)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if config.model_type not in FUSABLE_TYPES:
         return f"model_type {config.model_type!r} is not one of {FUSABLE_TYPES}"
     if getattr(config, "hidden_act", None) != "silu":
         return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not 'silu'"
+    return None
+
+
+def fusable(model) -> str | None:
+    """Why :class:`FusedStep` cannot run ``model``'s decode step (``None``: it can)."""
+    why = fusable_config(model.config)
+    if why is not None:
+        return why
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")) or not hasattr(model, "lm_head"):
         return "not a <Model>ForCausalLM with model.embed_tokens/layers/norm/rotary_emb and lm_head"

@@ -82,6 +82,7 @@ class LaCachePolicy(CachePolicy):
 
     name: ClassVar[str] = "lacache"
     fast_decode: ClassVar[bool] = True
+    ring_decode: ClassVar[bool] = True
 
     budget: int | float | None = 256
     span: int = 16

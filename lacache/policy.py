@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from lacache.compat import watch
 
 PREFILL_MODES = ("full", "chunked")
-DECODE_MODES = ("exact", "fast")
+DECODE_MODES = ("exact", "fast", "triton")
 
 
 class PolicyConfigError(ValueError):
@@ -41,12 +41,15 @@ class CachePolicy:
     exact_chunks: ClassVar[bool] = False
     #: True when the cache converts to ``lacache.fast_decode`` (``decode=fast``).
     fast_decode: ClassVar[bool] = False
+    #: True when it converts to the ring layout, whose fused step has Triton kernels (``decode=triton``).
+    ring_decode: ClassVar[bool] = False
 
     budget: int | float | None = None
     budget_of: str = "prompt"
     prefill: str = "full"
     prefill_chunk: int = 512
     decode: str = "exact"  # exact: the model's forward on this cache | fast: lacache.fast_decode (CUDA graphs on a GPU)
+    #                       | triton: fast, with the fused step's Triton kernels (CUDA, Llama-family models)
 
     def __post_init__(self) -> None:
         if self.prefill not in PREFILL_MODES:
@@ -57,6 +60,11 @@ class CachePolicy:
             raise PolicyConfigError(
                 f"decode=fast is not available for {self.name}; it is for full, streamingllm, lacache, h2o, tova, "
                 "snapkv and pyramidkv"
+            )
+        if self.decode == "triton" and not self.ring_decode:
+            raise PolicyConfigError(
+                f"decode=triton is not available for {self.name}; it is for full, streamingllm and lacache "
+                "(the ring layout); use decode=fast"
             )
         if self.budget_of not in ("prompt", "max_length"):
             raise PolicyConfigError(f"budget_of={self.budget_of!r} is not one of ('prompt', 'max_length')")

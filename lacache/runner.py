@@ -258,6 +258,8 @@ def prepare(cfg: DictConfig):
         model_config = models.load_config(spec)
         max_length = models.max_length(spec, model_config)
         policy.check(model_config)
+        if policy.decode == "triton":
+            check_triton_decode(spec, model_config)
         task.check(model_config, policy, max_length)
         if type(task).prompt_length is not Task.prompt_length:  # the task knows its prompt length from the tokenizer
             prompt_length = task.prompt_length(load_tokenizer(spec))
@@ -268,6 +270,18 @@ def prepare(cfg: DictConfig):
     except (*CONFIG_ERRORS, OmegaConfBaseException) as err:
         raise ConfigError(str(err)) from err
     return settings, spec, policy, task, model_config, max_length, logger
+
+
+def check_triton_decode(spec: models.ModelSpec, model_config) -> None:
+    """``cache.decode=triton`` runs Triton kernels on one GPU over a Llama-family model's own weights."""
+    from lacache.fast_decode import fusable_config
+
+    if spec.device != "cuda" or spec.device_map is not None:
+        raise ConfigError(f"cache.decode=triton runs Triton kernels on one GPU: set model.device=cuda (not "
+                          f"device={spec.device!r}, device_map={spec.device_map!r}); elsewhere use cache.decode=fast or exact")
+    why = fusable_config(model_config)
+    if why is not None:
+        raise ConfigError(f"cache.decode=triton cannot run model {spec.name!r}: {why}; use cache.decode=fast")
 
 
 def load_tokenizer(spec: models.ModelSpec):

@@ -331,10 +331,12 @@ def generate_batch(
                     start += size
             tokens = pick(logits, 0)
         step_fn, decoder = _exact_step(model, cache, kwargs, device), None
-        if policy.decode == "fast":
+        if policy.decode in ("fast", "triton"):
             from lacache.fast_decode import GraphDecoder
 
-            decoder = GraphDecoder(model, cache, torch.tensor(tokens, device=device)[:, None], max_new_tokens=max_new_tokens)
+            fused = policy.decode == "triton"
+            decoder = GraphDecoder(model, cache, torch.tensor(tokens, device=device)[:, None], max_new_tokens=max_new_tokens,
+                                   fuse=fused, triton=fused)
             step_fn = _fast_step(decoder)
         active = list(range(batch))
         release = contextlib.closing(decoder) if decoder is not None else contextlib.nullcontext()

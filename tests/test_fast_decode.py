@@ -13,6 +13,7 @@ import torch
 
 from lacache.compat import cache_kwarg
 from lacache.baselines.full import FullCachePolicy
+from lacache.baselines.h2o import H2OPolicy
 from lacache.baselines.lacache_reference import ReferenceLaCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from conftest import stream, tiny_llama
@@ -322,13 +323,46 @@ def test_generation_with_decode_fast_equals_exact(make):
     assert fast.token_ids[0] != exact.token_ids[0]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("make", [lambda d: LaCachePolicy(budget=16, span=4, overlap=2, sink=2, decode=d),
+                                  lambda d: FullCachePolicy(decode=d)], ids=["lacache", "full"])
+def test_generation_with_decode_triton_equals_decode_fast(make):
+    """``cache.decode=triton`` reaches the Triton step through a task's generation loop (fp32 on the
+    GPU: the same greedy tokens as ``decode=fast``, also for two rows decoded together)."""
+    from lacache.tasks import generation
+    from test_tasks import LetterTokenizer
+
+    model = tiny_llama(layers=8, seed=4).cuda()
+    with torch.no_grad():  # peaked attention: a slot scored at the wrong position changes the tokens
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    prompt = [int(t) for t in torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(5))]
+    fast = generation.generate(model, LetterTokenizer(), make("fast"), prompt, 60, eos_ids=())
+    fused = generation.generate(model, LetterTokenizer(), make("triton"), prompt, 60, eos_ids=())
+    assert fused.token_ids == fast.token_ids and len(fused.token_ids) == 60
+    rows = generation.generate_batch(model, LetterTokenizer(), make("triton"), [prompt, prompt[::-1]], 30, eos_ids=())
+    assert rows[0].token_ids == fast.token_ids[:30]
+
+
 def test_decode_fast_is_refused_where_there_is_no_fast_path():
     from lacache.policy import PolicyConfigError
+    from lacache.runner import ConfigError, check_triton_decode
+    from lacache.models import ModelSpec
+    from transformers import GPT2Config, LlamaConfig
 
     with pytest.raises(PolicyConfigError, match="decode=fast is not available for lacache_reference"):
         ReferenceLaCachePolicy(budget=64, decode="fast")
-    with pytest.raises(PolicyConfigError, match="decode='graph' is not one of"):
+    with pytest.raises(PolicyConfigError, match=r"decode='graph' is not one of \('exact', 'fast', 'triton'\)"):
         LaCachePolicy(decode="graph")
+    with pytest.raises(PolicyConfigError, match="decode=triton is not available for h2o; it is for full, streamingllm and lacache"):
+        H2OPolicy(budget=64, decode="triton")
+    with pytest.raises(ConfigError, match="set model.device=cuda \\(not device='cpu'"):
+        check_triton_decode(ModelSpec(name="m", id="m", device="cpu"), LlamaConfig())
+    with pytest.raises(ConfigError, match="cannot run model 'm': model_type 'gpt2' is not one of"):
+        check_triton_decode(ModelSpec(name="m", id="m", device="cuda"), GPT2Config())
+    check_triton_decode(ModelSpec(name="m", id="m", device="cuda"), LlamaConfig())
 
 
 def test_bench_rows_carry_the_bound_and_the_hf_static_anchor(tmp_path):

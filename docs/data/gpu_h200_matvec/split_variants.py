@@ -92,10 +92,10 @@ def main():
         gbytes = layers * 2 * caches[0][0].numel() * caches[0][0].element_size() / 1e9
 
         def report(label, fn):
-            from tune import timed  # noqa: E402  (same directory)
-            us = timed(lambda: [fn(k, v) for k, v in caches], replays=20) if device == "cuda" else float("nan")
+            from tune import LAYERS, timed  # noqa: E402  (same directory; timed divides by its LAYERS)
+            us = timed(lambda: [fn(k, v) for k, v in caches], replays=20) * LAYERS / layers if device == "cuda" else float("nan")
             err = (fn(*caches[0]).float() - want).abs().max().item()
-            print(f"capacity {capacity:6d} {label:34s} {us * 32 / layers:8.2f} us/layer  {gbytes / layers / us * 1e6 / 1e3 if us == us else 0:5.2f} TB/s  max err {err:.4f}", flush=True)
+            print(f"capacity {capacity:6d} {label:34s} {us:8.2f} us/layer  {gbytes / layers / us * 1e6 / 1e3 if us == us else 0:5.2f} TB/s  max err {err:.4f}", flush=True)
 
         report("current (128-slot tile, 8 warps)", lambda k, v: td.ring_attention(query, k, v, *args))
         grid = itertools.product((128,), (16, 32, 64), (2, 3), (4, 8)) if device == "cuda" else [(128, 32, 2, 4)]
