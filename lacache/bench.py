@@ -10,8 +10,8 @@ Decode paths: ``eager`` runs the model's forward per token on the exact caches (
 ``graph`` runs :mod:`lacache.fast_decode` (full, StreamingLLM, LaCache; H2O, TOVA, SnapKV, PyramidKV
 through :mod:`lacache.eviction_decode`, whose eviction is part of the step), CUDA-graph captured on
 a GPU; ``fused`` is ``graph`` with fused projections and elementwise chains
-(:class:`lacache.fast_decode.FusedStep`); ``triton`` (CUDA) is ``fused`` with the rotary + cache
-write and the ring attention as Triton kernels (:mod:`lacache.triton_decode`); ``hf-static`` (full cache only) is the anchor:
+(:class:`lacache.fast_decode.FusedStep`); ``triton`` (CUDA) is ``fused`` with every per-layer step
+a Triton kernel (:mod:`lacache.triton_decode`; tasks: ``cache.decode=triton``); ``hf-static`` (full cache only) is the anchor:
 transformers' own ``generate`` with a ``StaticCache`` and its automatic ``torch.compile``, same
 model, prompt and steps. Compaction time: ``eager`` wraps the cache's plan/apply in device syncs (a
 separate pass, so the decode timing stays unsynchronised); ``graph`` times the compaction replays

@@ -1,7 +1,7 @@
 """Triton kernels of the fused decode step (``GraphDecoder(..., fuse=True, triton=True)``, CUDA only).
 
 Why: in the fused step cuBLAS streams the big weight products at the copy bandwidth; what kept the
-step at 1.28x of the weight-streaming bound on an H200 was ~13 kernels per layer and the time between
+step at 1.28x of the weight-streaming bound on an H200 was 12 kernels per layer and the time between
 them (docs/PERFORMANCE.md). Here a layer is 7:
 
 * :func:`matvec`: each weight product as a matrix-vector kernel that first applies what precedes

@@ -32,7 +32,8 @@ builds, and refuses padded batches and second turns: :mod:`lacache.compat`, test
 ``tests/test_library.py``); this loop stays because it also stops at strings, times prefill and
 decode separately and feeds ``compress=context`` in two parts. With
 ``cache.decode=fast`` the answer is decoded by :class:`lacache.fast_decode.GraphDecoder` instead
-(same positions and logits up to rounding; CUDA graphs on a GPU).
+(same positions and logits up to rounding; CUDA graphs on a GPU); ``cache.decode=triton``: through its
+fused step with Triton kernels.
 
 Per sample it records prompt and generated token counts, prefill and decode speed, peak memory
 (:mod:`lacache.measure`) and the cache's own ``stats()`` (KV entries / bytes held).
