@@ -208,6 +208,31 @@ def test_smollm2_decoding_keeps_exactly_the_predicted_positions(smollm2):
         assert torch.equal(held, held[:, :1, :1].expand_as(held))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cache_rotations_equal_rotate_half_written_out_bit_for_bit(dtype):
+    """The exact caches rotate with a halves swap and a sign-folded sin table (fewer kernels per layer):
+    the same products and sums as RoFormer's rotate_half form, so every bit equal, in bf16 too; also
+    the fp32 un-rotation of new keys and the rotation at per-slot positions."""
+    from lacache.kvcache import RotaryTable
+
+    model = tiny_llama(seed=5)
+    rope = RotaryTable(model.model.rotary_emb, torch.device("cpu"), dtype)
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 2, 40, 16, generator=gen) * 3).to(dtype)
+
+    def reference(v, cos, sin):
+        half = v.shape[-1] // 2
+        return v * cos + torch.cat((-v[..., half:], v[..., :half]), dim=-1) * sin
+
+    assert torch.equal(rope.rotate(x, 40), reference(x, rope.cos[:40], rope.sin[:40]))
+    undone = reference(x.float(), rope.ucos32[7:47], -rope.usin32[7:47]).to(dtype)
+    assert torch.equal(rope.unrotate(x, 7), undone)
+    positions = torch.randint(0, 300, (2, 2, 40), generator=gen, dtype=torch.int32)
+    at = rope.rotate_at(x, positions, 300)
+    assert torch.equal(at, reference(x, rope.cos[positions.long()], rope.sin[positions.long()]))
+    assert not torch.equal(at, reference(x, rope.cos[positions.long()], -rope.sin[positions.long()]))
+
+
 def test_bulk_compaction_keeps_exact_entries_rotated_at_their_slots():
     """After an exact 150-token prefill and the bulk compaction, every kept entry equals the full
     cache's entry for its original position, with the key rotated to its new slot index."""
