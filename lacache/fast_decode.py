@@ -28,7 +28,7 @@ tail of every layer's cache by a few slots on every step. Here neither happens:
   copy bandwidth, are most of the step (docs/PERFORMANCE.md: 1.27-1.33x the weight-streaming
   bound on an H200). ``triton=True`` (CUDA) runs each layer as the 7 kernels of
   :mod:`lacache.triton_decode` (matrix-vector products with the norms and SiLU as their prologues,
-  rotary + cache write, flash-decoding attention): 1.15-1.17x the bound for StreamingLLM and LaCache.
+  rotary + cache write, flash-decoding attention): 1.11-1.17x the bound for StreamingLLM and LaCache.
 
 Logits equal the exact path's up to floating-point rounding (tests on CPU in fp32, and over 1,000
 bf16 steps with compactions and wraps on a GPU). Decode only (one token per step, batch of equal
