@@ -165,6 +165,15 @@ NONE, NORM, SILU = 0, 1, 2  # what a product does to its input vector first (_ma
 
 
 @triton.jit
+def _skip_sum(r_row, x_row, k, k_in, ADD: tl.constexpr, dtype: tl.constexpr):
+    """The residual at ``k``, plus ``x`` with ADD, rounded to ``dtype`` as the stock skip connection is."""
+    t = tl.load(r_row + k, mask=k_in, other=0.0)
+    if ADD:
+        t = (t.to(tl.float32) + tl.load(x_row + k, mask=k_in, other=0.0).to(tl.float32)).to(dtype)
+    return t
+
+
+@triton.jit
 def _matvec(X, W, BIAS, OUT, RESIDUAL, NORM_W, RESIDUAL_OUT, N, K, stride_x, stride_w, stride_r, eps,
             PROLOGUE: tl.constexpr, ADD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, K_PAD: tl.constexpr):
@@ -180,21 +189,16 @@ def _matvec(X, W, BIAS, OUT, RESIDUAL, NORM_W, RESIDUAL_OUT, N, K, stride_x, str
     x_row, r_row = X + b * stride_x, RESIDUAL + b * stride_r
     if PROLOGUE == 1:
         whole = tl.arange(0, K_PAD)
-        total = tl.load(r_row + whole, mask=whole < K, other=0.0)
-        if ADD:
-            total = (total.to(tl.float32) + tl.load(x_row + whole, mask=whole < K, other=0.0).to(tl.float32)).to(dtype)
-        total = total.to(tl.float32)
+        total = _skip_sum(r_row, x_row, whole, whole < K, ADD, dtype).to(tl.float32)
         inverse_rms = 1.0 / tl.sqrt(tl.sum(total * total, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for start in range(0, K, BLOCK_K):
         k = start + k0
         k_in = k < K
         if PROLOGUE == 1:
-            t = tl.load(r_row + k, mask=k_in, other=0.0)
-            if ADD:
-                t = (t.to(tl.float32) + tl.load(x_row + k, mask=k_in, other=0.0).to(tl.float32)).to(dtype)
-                if block == 0:
-                    tl.store(RESIDUAL_OUT + b * stride_r + k, t, mask=k_in)
+            t = _skip_sum(r_row, x_row, k, k_in, ADD, dtype)
+            if ADD and block == 0:
+                tl.store(RESIDUAL_OUT + b * stride_r + k, t, mask=k_in)
             normed = (t.to(tl.float32) * inverse_rms).to(dtype)
             x = (tl.load(NORM_W + k, mask=k_in, other=0.0).to(tl.float32) * normed.to(tl.float32)).to(dtype)
         elif PROLOGUE == 2:
