@@ -36,6 +36,7 @@ import time
 import torch
 
 from lacache import CONFIGS, records
+from lacache.chunk_graphs import graphed_prefill
 from lacache.compat import cache_kwarg
 from lacache.kvcache import CompactingCache
 from lacache.measure import device_peak_bytes, peak_rss_bytes, reset_device_peak, sync
@@ -110,24 +111,29 @@ class CompactionTimer:
             setattr(cache, name, timed)
 
 
-def prefill(model, policy, prompt):
+def prefill(model, policy, prompt, graphs: bool = False):
+    """The cache after feeding ``prompt`` in the policy's chunks, the first token, and how many chunks
+    replayed graphs (``graphs``: a chunked prefill replays its middle layers' CUDA graphs where it
+    can, :mod:`lacache.chunk_graphs`)."""
     cache = policy.make_cache(model, prompt_length=prompt.shape[1])
     offset = 0
-    for size in policy.prefill_chunks(prompt.shape[1]):
-        logits = model(prompt[:, offset : offset + size], **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
-        offset += size
-    return cache, logits.argmax(-1, keepdim=True)
+    with graphed_prefill(model, cache, enabled=graphs and policy.prefill == "chunked") as graphed:
+        for size in policy.prefill_chunks(prompt.shape[1]):
+            logits = model(prompt[:, offset : offset + size], **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
+            offset += size
+    return cache, logits.argmax(-1, keepdim=True), graphed.replays if graphed is not None else 0
 
 
-def timed_prefill(model, policy, prompt, device):
+def timed_prefill(model, policy, prompt, device, graphs: bool = False):
     """Prefill with the device's memory peak reset first: the cache, the first token, prefill readings."""
     reset_device_peak(device)
     sync(device)
     start = time.perf_counter()
-    cache, token = prefill(model, policy, prompt)
+    cache, token, replays = prefill(model, policy, prompt, graphs)
     sync(device)
     seconds = time.perf_counter() - start
-    return cache, token, {"prefill_tokens_per_s": prompt.numel() / seconds, "prefill_peak_device_bytes": device_peak_bytes(device)}
+    return cache, token, {"prefill_tokens_per_s": prompt.numel() / seconds, "prefill_peak_device_bytes": device_peak_bytes(device),
+                          "prefill_graph_replays": replays}
 
 
 def measure_eager(model, policy, prompt, steps: int, device) -> dict:
@@ -143,7 +149,7 @@ def measure_eager(model, policy, prompt, steps: int, device) -> dict:
     out.update(decode_ms_per_token=1000 * statistics.median(warm), decode_ms_per_token_mean=1000 * statistics.mean(warm),
                **(cache.stats() if hasattr(cache, "stats") else {}))
     if isinstance(cache, CompactingCache) or hasattr(cache, "_compact"):  # second pass: synchronised compaction timing
-        cache, token = prefill(model, policy, prompt)
+        cache, token, _ = prefill(model, policy, prompt)
         timer = CompactionTimer(cache, device)
         timed_steps = max(16, steps // 2)
         for _ in range(timed_steps):
@@ -157,7 +163,7 @@ def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False,
     from lacache.fast_decode import GraphDecoder
 
     warmup = 8
-    cache, token, out = timed_prefill(model, policy, prompt, device)
+    cache, token, out = timed_prefill(model, policy, prompt, device, graphs=True)
     stats = cache.stats() if hasattr(cache, "stats") else {}
     decoder = GraphDecoder(model, cache, token, max_new_tokens=steps + warmup, fuse=fuse, triton=triton)
     try:

@@ -106,7 +106,6 @@ class RotaryTable:
         self.scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
         self.cos = self.sin = self.cos32 = self.sin32 = self.ucos32 = self.usin32 = torch.empty(0, 0, device=device)
         self.pairs = self.unpairs32 = torch.empty(0, 2, 0, device=device)
-        self.swap = None
 
     def _ensure(self, size: int) -> None:
         if size <= self.cos.shape[0]:
@@ -122,13 +121,17 @@ class RotaryTable:
         signed = torch.cat((-torch.ones(half, device=self.device), torch.ones(half, device=self.device)))
         self.pairs = torch.stack((self.cos, self.sin * signed.to(self.dtype)), dim=1)  # [P, 2, D]: cos, signed sin
         self.unpairs32 = torch.stack((self.ucos32, -self.usin32 * signed), dim=1)
-        self.swap = torch.cat((torch.arange(half, 2 * half), torch.arange(half))).to(self.device)
 
-    def _rotate(self, x: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`rotate` with ``pairs[..., 0, :]`` = cos and ``pairs[..., 1, :]`` = sin with its first half
-        negated: ``rotate_half(x) * sin`` is ``x`` with its halves swapped times that, the same products
-        bit for bit (a sign flip is exact), in 4 kernels instead of 5; one table read for both."""
-        return x * pairs[..., 0, :] + x[..., self.swap] * pairs[..., 1, :]
+        negated: ``rotate_half(x) * sin`` is ``x``'s halves swapped times that, the same products bit for
+        bit (a sign flip is exact), each half written in place (no gather); one table read for both.
+        ``out``: where the sum goes (e.g. the head of the keys attention reads, saving a concatenation)."""
+        half = x.shape[-1] // 2
+        swapped = torch.empty_like(x)
+        torch.mul(x[..., half:], pairs[..., 1, :half], out=swapped[..., :half])
+        torch.mul(x[..., :half], pairs[..., 1, half:], out=swapped[..., half:])
+        return torch.add(x * pairs[..., 0, :], swapped, out=out)
 
     def rotate_into(self, out: torch.Tensor, x: torch.Tensor, start: int) -> None:
         """``out = x`` rotated to positions ``start..start+m-1`` (rotate_half convention), no temporaries."""
@@ -140,16 +143,16 @@ class RotaryTable:
         out[..., :half].addcmul_(x[..., half:], sin[:, :half], value=-1)
         out[..., half:].addcmul_(x[..., :half], sin[:, half:])
 
-    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, bound: int) -> torch.Tensor:
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor, bound: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[..., m, D]`` rotated to per-slot ``positions`` ``[..., m]`` (each head may differ), all
         below ``bound`` (known on the host: reading the tensor's maximum would wait for the device)."""
         self._ensure(bound)
-        return self._rotate(x, self.pairs[positions.long()])
+        return self._rotate(x, self.pairs[positions.long()], out)
 
-    def rotate(self, x: torch.Tensor, count: int) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[..., count, D]`` rotated to positions ``0..count-1``."""
         self._ensure(count)
-        return self._rotate(x, self.pairs[:count])
+        return self._rotate(x, self.pairs[:count], out)
 
     def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Inverse rotation (by ``-position``, scale removed) to positions ``start..start+m-1``, in fp32:
@@ -344,15 +347,16 @@ class CompactingCache(Cache):
             return None
         return buffer[layer, :, :, : self.layer_length(layer)]
 
-    def rotated_keys(self, layer: int, count: int | None = None) -> torch.Tensor | None:
-        """The first ``count`` (default: all held) keys of ``layer`` rotated at their current positions."""
+    def rotated_keys(self, layer: int, count: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The first ``count`` (default: all held) keys of ``layer`` rotated at their current positions
+        (into ``out`` if given)."""
         if self.raw_keys is None:
             return None
         n = self.layer_length(layer) if count is None else count
         raw = self.raw_keys[layer, :, :, :n]
         if self.position_mode == "original":
-            return self.rope.rotate_at(raw, self.positions[layer, :, :, :n], self.seen)
-        return self.rope.rotate(raw, n)
+            return self.rope.rotate_at(raw, self.positions[layer, :, :, :n], self.seen, out)
+        return self.rope.rotate(raw, n, out)
 
     def _append(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         if layer == 0:
@@ -370,8 +374,10 @@ class CompactingCache(Cache):
         self.values[layer, :, :, n : n + q] = value_states
         if n == 0:
             keys = key_states  # nothing held before: the model's own keys are the whole layer
-        else:
-            keys = torch.cat([self.rotated_keys(layer, n), key_states], dim=-2)
+        else:  # held keys rotated straight into the head of the layer's keys, the new ones after them
+            keys = key_states.new_empty(key_states.shape[:2] + (n + q, key_states.shape[-1]))
+            self.rotated_keys(layer, n, out=keys[:, :, :n])
+            keys[:, :, n:] = key_states
         self.on_append(layer, n, q, keys)
         if layer == self.num_layers - 1:
             self._end_forward(q)

@@ -33,7 +33,8 @@ builds, and refuses padded batches and second turns: :mod:`lacache.compat`, test
 decode separately and feeds ``compress=context`` in two parts. With
 ``cache.decode=fast`` the answer is decoded by :class:`lacache.fast_decode.GraphDecoder` instead
 (same positions and logits up to rounding; CUDA graphs on a GPU); ``cache.decode=triton``: through its
-fused step with Triton kernels.
+fused step with Triton kernels. With either, a chunked prefill on a GPU replays its middle layers as
+CUDA graphs where the cache allows (:mod:`lacache.chunk_graphs`; the same logits bit for bit).
 
 Per sample it records prompt and generated token counts, prefill and decode speed, peak memory
 (:mod:`lacache.measure`) and the cache's own ``stats()`` (KV entries / bytes held).
@@ -49,6 +50,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from lacache.chunk_graphs import graphed_prefill
 from lacache.compat import cache_kwarg
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lacache.models import input_device
@@ -324,7 +326,8 @@ def generate_batch(
     generated: list[list[int]] = [[] for _ in range(batch)]
     reasons, texts = ["length"] * batch, [None] * batch
     with torch.inference_mode():
-        with Stopwatch(device) as prefill_clock:
+        graphs = policy.prefill == "chunked" and policy.decode != "exact"  # the GPU paths: bit-equal graph replays
+        with Stopwatch(device) as prefill_clock, graphed_prefill(model, cache, enabled=graphs) as graphed:
             start = 0
             for i, part in enumerate(parts):
                 for size in _chunks(policy, cache, part, after_compression=i > 0):  # sized once the context ran
@@ -363,6 +366,7 @@ def generate_batch(
                     break
                 tokens = pick(step_fn(tokens), len(generated[active[0]]))  # every active row holds as many tokens
     stats = dict(cache.stats()) if hasattr(cache, "stats") else {}
+    stats["prefill_graph_replays"] = graphed.replays if graphed is not None else 0
     stats = {k: v / batch if k.startswith("kv_bytes") and isinstance(v, (int, float)) else v for k, v in stats.items()}
     peak = device_peak_bytes(device)
     return [
