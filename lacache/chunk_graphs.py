@@ -201,30 +201,26 @@ class ChunkGraphs:
         return hidden
 
     def _capture(self, signature, tensors, hidden, args, kwargs) -> torch.Tensor:
-        """Run the block eagerly on a side stream (this forward's result, and the warm-up a capture
-        needs), then capture it without running it; the graph's inputs are this call's tensors."""
+        """Capture the block on a side stream (its kernels recorded, not run; the eager forward at the
+        signature's first sighting was the warm-up), this call's tensors as the graph's inputs; then
+        replay it for this forward."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(hidden.device)
-        main = torch.cuda.current_stream(hidden.device)
-        self.stream.wait_stream(main)
-        with torch.cuda.stream(self.stream):
-            output = self._run_block(hidden, args, kwargs)
-            graph = torch.cuda.CUDAGraph()
-            try:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(self.stream):
                 graph.capture_begin()
                 try:
                     static = self._run_block(hidden, args, kwargs)
                 finally:
                     graph.capture_end()
-            except Exception as error:  # an op that cannot be captured: this context stays eager, and says so
-                self.disabled = f"capture failed: {error}"
-                warnings.warn(f"chunked prefill without CUDA graphs: {self.disabled}", stacklevel=2)
-                static = None
-        main.wait_stream(self.stream)
-        output.record_stream(main)
-        if static is not None:
-            self.graphs[signature] = Captured(graph, tensors, static)
-            self.captures += 1
-            while len(self.graphs) > self.keep:
-                self.graphs.popitem(last=False)
-        return output
+        except Exception as error:  # an op that cannot be captured: this context stays eager, and says so
+            self.disabled = f"capture failed: {error}"
+            warnings.warn(f"chunked prefill without CUDA graphs: {self.disabled}", stacklevel=2)
+            return self._run_block(hidden, args, kwargs)  # nothing ran while capturing
+        self.graphs[signature] = captured = Captured(graph, tensors, static)
+        self.captures += 1
+        while len(self.graphs) > self.keep:
+            self.graphs.popitem(last=False)
+        self.replays += 1
+        return captured.replay(tensors)

@@ -128,7 +128,7 @@ class RotaryTable:
         bit (a sign flip is exact), each half written in place (no gather); one table read for both.
         ``out``: where the sum goes (e.g. the head of the keys attention reads, saving a concatenation)."""
         half = x.shape[-1] // 2
-        swapped = torch.empty_like(x)
+        swapped = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, pairs.dtype), device=x.device)
         torch.mul(x[..., half:], pairs[..., 1, :half], out=swapped[..., :half])
         torch.mul(x[..., :half], pairs[..., 1, half:], out=swapped[..., half:])
         return torch.add(x * pairs[..., 0, :], swapped, out=out)
@@ -154,12 +154,14 @@ class RotaryTable:
         self._ensure(count)
         return self._rotate(x, self.pairs[:count], out)
 
-    def unrotate(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """Inverse rotation (by ``-position``, scale removed) to positions ``start..start+m-1``, in fp32:
+    def unrotate(self, x: torch.Tensor, start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse rotation (by ``-position``, scale removed) to positions ``start..start+m-1``, in fp32
+        (``x`` is promoted as it is read) and rounded once to the cache's dtype, into ``out`` if given:
         the raw key is derived once, at insertion."""
         m = x.shape[-2]
         self._ensure(start + m)
-        return self._rotate(x.float(), self.unpairs32[start : start + m]).to(self.dtype)
+        raw = self._rotate(x, self.unpairs32[start : start + m])
+        return raw.to(self.dtype) if out is None else out.copy_(raw)
 
 
 def rotary_embedding_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -370,7 +372,7 @@ class CompactingCache(Cache):
         if self.layer_lengths is not None:  # else _begin_forward wrote every layer's positions at once
             self.positions[layer, :, :, n : n + q] = self.seen
         # new tokens sit at positions seen.. (original) or at their slots n.. (shift): the same for every head
-        self.raw_keys[layer, :, :, n : n + q] = self.rope.unrotate(key_states, self.seen if self.position_mode == "original" else n)
+        self.rope.unrotate(key_states, self.seen if self.position_mode == "original" else n, out=self.raw_keys[layer, :, :, n : n + q])
         self.values[layer, :, :, n : n + q] = value_states
         if n == 0:
             keys = key_states  # nothing held before: the model's own keys are the whole layer

@@ -227,6 +227,7 @@ def test_the_cache_rotations_equal_rotate_half_written_out_bit_for_bit(dtype):
     assert torch.equal(rope.rotate(x, 40), reference(x, rope.cos[:40], rope.sin[:40]))
     undone = reference(x.float(), rope.ucos32[7:47], -rope.usin32[7:47]).to(dtype)
     assert torch.equal(rope.unrotate(x, 7), undone)
+    assert torch.equal(rope.unrotate(x, 7, out=torch.empty_like(x)), undone)
     positions = torch.randint(0, 300, (2, 2, 40), generator=gen, dtype=torch.int32)
     at = rope.rotate_at(x, positions, 300)
     assert torch.equal(at, reference(x, rope.cos[positions.long()], rope.sin[positions.long()]))
