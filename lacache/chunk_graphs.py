@@ -186,6 +186,8 @@ class ChunkGraphs:
             raise NotGraphable(self.disabled)
         if hidden.dim() != 3 or hidden.shape[1] < 2:
             raise NotGraphable("one-token forward")  # decode steps have their own graphs (lacache.fast_decode)
+        if torch.is_grad_enabled():
+            raise NotGraphable("autograd is recording")  # a replay would give outputs without their graph
         if cache.layer_lengths is not None or cache.raw_keys is None or cache.pending is not None:
             raise NotGraphable("the cache's layers differ or a compaction is pending")
         tensors, shape = [], []
