@@ -37,6 +37,7 @@ import torch
 
 from lacache import CONFIGS, records
 from lacache.chunk_graphs import graphed_prefill
+from lacache.grouped_attention import grouped_attention
 from lacache.compat import cache_kwarg
 from lacache.kvcache import CompactingCache
 from lacache.measure import device_peak_bytes, peak_rss_bytes, reset_device_peak, sync
@@ -111,25 +112,28 @@ class CompactionTimer:
             setattr(cache, name, timed)
 
 
-def prefill(model, policy, prompt, graphs: bool = False):
+def prefill(model, policy, prompt, graphs: bool = False, grouped: bool = False):
     """The cache after feeding ``prompt`` in the policy's chunks, the first token, and how many chunks
     replayed graphs (``graphs``: a chunked prefill replays its middle layers' CUDA graphs where it
-    can, :mod:`lacache.chunk_graphs`)."""
+    can, :mod:`lacache.chunk_graphs`; ``grouped``: masked forwards attend through
+    :mod:`lacache.grouped_attention`, as the fast paths do)."""
     cache = policy.make_cache(model, prompt_length=prompt.shape[1])
     offset = 0
-    with graphed_prefill(model, cache, enabled=graphs and policy.prefill == "chunked") as graphed:
+    with grouped_attention(model, enabled=grouped), \
+            graphed_prefill(model, cache, enabled=graphs and policy.prefill == "chunked") as graphed:
         for size in policy.prefill_chunks(prompt.shape[1]):
             logits = model(prompt[:, offset : offset + size], **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
             offset += size
     return cache, logits.argmax(-1, keepdim=True), graphed.replays if graphed is not None else 0
 
 
-def timed_prefill(model, policy, prompt, device, graphs: bool = False):
-    """Prefill with the device's memory peak reset first: the cache, the first token, prefill readings."""
+def timed_prefill(model, policy, prompt, device, fast: bool = False):
+    """Prefill with the device's memory peak reset first: the cache, the first token, prefill readings
+    (``fast``: the fast paths' prefill, graphs and grouped attention)."""
     reset_device_peak(device)
     sync(device)
     start = time.perf_counter()
-    cache, token, replays = prefill(model, policy, prompt, graphs)
+    cache, token, replays = prefill(model, policy, prompt, graphs=fast, grouped=fast)
     sync(device)
     seconds = time.perf_counter() - start
     return cache, token, {"prefill_tokens_per_s": prompt.numel() / seconds, "prefill_peak_device_bytes": device_peak_bytes(device),
@@ -163,7 +167,7 @@ def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False,
     from lacache.fast_decode import GraphDecoder
 
     warmup = 8
-    cache, token, out = timed_prefill(model, policy, prompt, device, graphs=True)
+    cache, token, out = timed_prefill(model, policy, prompt, device, fast=True)
     stats = cache.stats() if hasattr(cache, "stats") else {}
     decoder = GraphDecoder(model, cache, token, max_new_tokens=steps + warmup, fuse=fuse, triton=triton)
     try:

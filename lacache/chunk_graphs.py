@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention.bias import CausalBias
 
 from lacache.kvcache import CompactingCache
 
@@ -71,7 +72,9 @@ def graphed_prefill(model: torch.nn.Module, cache, enabled: bool = True):
 
 def _leaves(value, tensors: list, shape: list) -> None:
     """Flatten a layer call's arguments: tensors into ``tensors``, a hashable description into ``shape``."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, CausalBias):  # a mask given by its lengths (lacache.grouped_attention): nothing to copy
+        shape.append(("causal_bias", str(value.variant), value.seq_len_q, value.seq_len_kv))
+    elif isinstance(value, torch.Tensor):
         tensors.append(value)
         shape.append(("tensor", tuple(value.shape), value.stride(), value.dtype, value.device))
     elif isinstance(value, (tuple, list)):

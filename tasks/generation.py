@@ -33,8 +33,10 @@ builds, and refuses padded batches and second turns: :mod:`lacache.compat`, test
 decode separately and feeds ``compress=context`` in two parts. With
 ``cache.decode=fast`` the answer is decoded by :class:`lacache.fast_decode.GraphDecoder` instead
 (same positions and logits up to rounding; CUDA graphs on a GPU); ``cache.decode=triton``: through its
-fused step with Triton kernels. With either, a chunked prefill on a GPU replays its middle layers as
-CUDA graphs where the cache allows (:mod:`lacache.chunk_graphs`; the same logits bit for bit).
+fused step with Triton kernels. With either, the prompt's masked forwards (a chunk after the first, the
+question of ``compress=context``) attend without copying keys and values per query head
+(:mod:`lacache.grouped_attention`; the same up to rounding), and a chunked prefill on a GPU replays
+its middle layers as CUDA graphs where the cache allows (:mod:`lacache.chunk_graphs`; bit for bit).
 
 Per sample it records prompt and generated token counts, prefill and decode speed, peak memory
 (:mod:`lacache.measure`) and the cache's own ``stats()`` (KV entries / bytes held).
@@ -51,6 +53,7 @@ from typing import Iterable, Sequence
 import torch
 
 from lacache.chunk_graphs import graphed_prefill
+from lacache.grouped_attention import grouped_attention
 from lacache.compat import cache_kwarg
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lacache.models import input_device
@@ -326,8 +329,9 @@ def generate_batch(
     generated: list[list[int]] = [[] for _ in range(batch)]
     reasons, texts = ["length"] * batch, [None] * batch
     with torch.inference_mode():
-        graphs = policy.prefill == "chunked" and policy.decode != "exact"  # the GPU paths: bit-equal graph replays
-        with Stopwatch(device) as prefill_clock, graphed_prefill(model, cache, enabled=graphs) as graphed:
+        fast = policy.decode != "exact"  # grouped attention (rounding differs); chunks replay graphs (bit-equal)
+        with Stopwatch(device) as prefill_clock, grouped_attention(model, enabled=fast), \
+                graphed_prefill(model, cache, enabled=fast and policy.prefill == "chunked") as graphed:
             start = 0
             for i, part in enumerate(parts):
                 for size in _chunks(policy, cache, part, after_compression=i > 0):  # sized once the context ran

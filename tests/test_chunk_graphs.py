@@ -13,6 +13,7 @@ from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.baselines.tova import TOVAPolicy
 from lacache.chunk_graphs import ChunkGraphs, graphed_prefill, why_not_graphed
 from lacache.compat import cache_kwarg
+from lacache.grouped_attention import grouped_attention
 from lacache.ladder_cache import LaCachePolicy
 from conftest import tiny_llama
 
@@ -41,12 +42,12 @@ def test_only_caches_whose_layers_run_kernels_alone_are_graphed():
         ChunkGraphs(model, LaCachePolicy(budget=32, span=4, sink=4).make_cache(model))
 
 
-def chunked(model, policy, ids, chunk, graphs):
+def chunked(model, policy, ids, chunk, graphs, grouped=False):
     """Every position's logits over a chunked prefill, then 4 one-token steps; the cache; the context."""
     cache = policy.make_cache(model, prompt_length=ids.shape[1])
     logits = []
     context = ChunkGraphs(model, cache) if graphs else None
-    with torch.inference_mode():
+    with torch.inference_mode(), grouped_attention(model, enabled=grouped):
         with context or contextlib.nullcontext():
             for start in range(0, ids.shape[1] - 4, chunk):
                 end = min(start + chunk, ids.shape[1] - 4)
@@ -60,13 +61,14 @@ def chunked(model, policy, ids, chunk, graphs):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ["lacache", "streamingllm"])
-def test_graphed_chunked_prefill_equals_the_eager_one_bit_for_bit(name, dtype):
+@pytest.mark.parametrize("grouped", [False, True], ids=["sdpa", "grouped"])
+def test_graphed_chunked_prefill_equals_the_eager_one_bit_for_bit(name, dtype, grouped):
     model = peaked_llama().to("cuda", dtype)
     make = {"lacache": lambda: LaCachePolicy(budget=48, span=4, overlap=2, sink=4),
             "streamingllm": lambda: StreamingLLMPolicy(budget=48, sink=4)}[name]
     ids = torch.randint(0, 128, (2, 16 * 24 + 7 + 4), generator=torch.Generator().manual_seed(3)).cuda()  # a 7-token last chunk
-    want, eager, _ = chunked(model, make(), ids, 16, graphs=False)
-    got, graphed, context = chunked(model, make(), ids, 16, graphs=True)
+    want, eager, _ = chunked(model, make(), ids, 16, graphs=False, grouped=grouped)
+    got, graphed, context = chunked(model, make(), ids, 16, graphs=True, grouped=grouped)
     assert context.captures == 1 and context.replays >= 18, (context.captures, context.replays)
     assert torch.equal(got, want), (got.float() - want.float()).abs().max()
     for buffer in ("raw_keys", "values", "positions"):
