@@ -23,6 +23,18 @@ def tiny_llama(layers=8, heads=4, kv_heads=2, vocab=128, seed=0, **extra):
     return LlamaForCausalLM(config).eval()
 
 
+def sharpened(model, sharpen: float = 4.0, head_scale: float = 10.0):
+    """``model`` with attention logits ``sharpen**2`` times larger than at init (peaked attention: a key
+    read at another slot or position shows) and output logits ``head_scale`` times larger (init
+    logits are ~0.05)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     return tiny_llama()

@@ -15,18 +15,12 @@ from lacache.chunk_graphs import ChunkGraphs, graphed_prefill, why_not_graphed
 from lacache.compat import cache_kwarg
 from lacache.grouped_attention import grouped_attention
 from lacache.ladder_cache import LaCachePolicy
-from conftest import tiny_llama
+from conftest import sharpened, tiny_llama
 
 
 def peaked_llama(layers=8):
     """A tiny Llama with q/k scaled 4x (peaked attention: a key read at another slot or position shows)."""
-    model = tiny_llama(layers=layers)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
-        model.lm_head.weight.mul_(10)
-    return model
+    return sharpened(tiny_llama(layers=layers))
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -13,7 +13,7 @@ from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.compat import cache_kwarg
 from lacache.grouped_attention import ATTENTION_NAME, grouped_attention, grouped_sdpa_attention, lower_right_or_sdpa_mask
 from lacache.ladder_cache import LaCachePolicy
-from conftest import tiny_llama
+from conftest import sharpened, tiny_llama
 
 
 def per_head_reference(query, key, value, mask, scaling):
@@ -112,13 +112,7 @@ def test_a_chunk_after_held_slots_gets_a_lower_right_causal_bias_and_anything_el
 
 
 def peaked_llama():
-    model = tiny_llama(layers=8, heads=8, kv_heads=2)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
-        model.lm_head.weight.mul_(10)
-    return model
+    return sharpened(tiny_llama(layers=8, heads=8, kv_heads=2))
 
 
 def chunked_logits(model, cache, ids, chunk):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import stream, tiny_llama
+from conftest import sharpened, stream, tiny_llama
 
 import oracle as ref
 from lacache.baselines.full import FullCachePolicy
@@ -24,13 +24,7 @@ LAYERS = 4
 def peaked_llama(kv_heads: int = 2, seed: int = 0, sharpen: float = 4.0, head_scale: float = 10.0):
     """A tiny Llama whose attention logits are ``sharpen**2`` times larger than at init (peaked
     attention) and whose output logits are ``head_scale`` times larger (init logits are ~0.05)."""
-    model = tiny_llama(layers=LAYERS, heads=4, kv_heads=kv_heads, seed=seed)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
-        model.lm_head.weight.mul_(head_scale)
-    return model
+    return sharpened(tiny_llama(layers=LAYERS, heads=4, kv_heads=kv_heads, seed=seed), sharpen, head_scale)
 
 
 def tokens(count: int, seed: int = 1) -> torch.Tensor:
