@@ -83,16 +83,18 @@ def ring_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     return module.lacache_ring.attend(module.layer_idx, query, key, value, scaling), None
 
 
-def claim_slot(slot, valid, is_tail, slot_of, origin, n, T, seen, position_ids, ucos32, usin32, inv_freq, dtype):
+def claim_slot(slot, valid, is_tail, slot_of, origin, n, T, cursor, seen, position_ids, ucos32, usin32, inv_freq, dtype):
     """Start a decode step on the device: take the first free physical slot of every layer for the
-    new token (logical slot ``n``, tail region, original position ``seen``), set the query position
-    to ``T``, and return the rotations the step needs (un-rotation at ``T`` for the raw key; the
-    query's shift from ``T`` to ``n`` for the compacted region)."""
+    new token (logical slot ``n``, original position ``seen``), set the query position to ``T``, and
+    return the rotations the step needs (un-rotation at ``T`` for the raw key; the query's shift from
+    ``T`` to ``n`` for the compacted region). The token joins the tail, unless it lands before the
+    cursor (a prompt shorter than the sinks): such a slot is never merged away or shifted, so it is
+    compacted, its key rotated at ``T``, which equals ``n`` until the first merge."""
     layers = valid.shape[0]
     slot.copy_((~valid).to(torch.uint8).argmax(dim=1))
     column = slot[:, None]
     valid.scatter_(1, column, True)
-    is_tail.scatter_(1, column, True)
+    is_tail.scatter_(1, column, (n >= cursor).expand(layers, 1))
     slot_of.scatter_(1, n.expand(layers, 1), column)
     origin.scatter_(1, column, seen.expand(layers, 1))
     position_ids.copy_(T.expand_as(position_ids))
@@ -402,7 +404,7 @@ class RingCache(Cache):
     # ------------------------------------------------------------------ per step, on the device
     def begin_step(self, position_ids: torch.Tensor) -> None:
         self.unrotate_cos, self.unrotate_sin, self.shift_cos, self.shift_sin = self.kernels.claim(
-            self.slot, self.valid, self.is_tail, self.slot_of, self.origin, self.n, self.T, self.seen, position_ids,
+            self.slot, self.valid, self.is_tail, self.slot_of, self.origin, self.n, self.T, self.cursor, self.seen, position_ids,
             self.rope.ucos32, self.rope.usin32, self.inv_freq, self.keys.dtype)
 
     def end_step(self) -> None:

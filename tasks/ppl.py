@@ -3,10 +3,18 @@
 A long text is streamed through the model with the cache policy active: token by token, or in
 chunks where the policy says chunking is exact (the full cache). Reports overall PPL and PPL per
 window of ``window`` predicted tokens, so a curve shows where a policy breaks down.
+
+Token by token, ``cache.decode=fast|triton`` streams through :class:`lacache.fast_decode.GraphDecoder`
+(CUDA graphs on a GPU) instead of the model's forward: the first token goes through the forward, then
+each step is fed the text's next token (teacher forcing, ``decoder.ids``) and its logits score the
+one after. The positions and compactions are the exact path's; the logits are equal up to rounding
+(``tests/test_fast_decode.py``). A policy whose chunks are exact (the full cache) keeps its chunked
+forward, which is already one pass per chunk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,17 +120,21 @@ class PerplexityTask(Task):
         nll = torch.empty(n - 1, dtype=torch.float64)
         reset_device_peak(device)
         bar = tqdm(total=n - 1, desc=f"ppl {ctx.policy.name}", unit="tok", disable=not ctx.progress, mininterval=2)
-        total = 0.0
+        fast = step == 1 and ctx.policy.decode != "exact" and n > 2
+        stats = {}
         with torch.inference_mode(), Stopwatch(device) as clock:
-            for start in range(0, n - 1, step):
-                end = min(start + step, n - 1)
-                logits = ctx.model(ids[:, start:end], **cache_kwarg(ctx.model, cache), use_cache=True).logits[0].float()
-                targets = ids[0, start + 1 : end + 1]
-                nll[start:end] = (-torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]).double().cpu()
-                if not bar.disable:  # the PPL so far, current whenever the bar is drawn (a running sum: O(1) a step)
-                    total += float(nll[start:end].sum())
-                    bar.set_postfix(ppl=f"{math.exp(total / end):.2f}", refresh=False)
-                bar.update(end - start)
+            if fast:
+                stats = self._stream_fast(ctx, ids, cache, nll, bar)
+            else:
+                total = 0.0
+                for start in range(0, n - 1, step):
+                    end = min(start + step, n - 1)
+                    logits = ctx.model(ids[:, start:end], **cache_kwarg(ctx.model, cache), use_cache=True).logits[0]
+                    nll[start:end] = token_nll(logits, ids[0, start + 1 : end + 1]).double().cpu()
+                    if not bar.disable:  # the PPL so far, current whenever the bar is drawn (a running sum: O(1) a step)
+                        total += float(nll[start:end].sum())
+                        bar.set_postfix(ppl=f"{math.exp(total / end):.2f}", refresh=False)
+                    bar.update(end - start)
         bar.close()
         windows = [
             {"end": min(s + self.window, n - 1), "ppl": math.exp(nll[s : s + self.window].mean().item())}
@@ -135,8 +147,43 @@ class PerplexityTask(Task):
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_device_bytes": device_peak_bytes(device),
             **(cache.stats() if hasattr(cache, "stats") else {}),
+            **stats,
         }
         return TaskResult(metrics=metrics, curves={"ppl_window": windows}, stats=stats)
+
+    @staticmethod
+    def _stream_fast(ctx: RunContext, ids: torch.Tensor, cache, nll: torch.Tensor, bar) -> dict:
+        """Token by token through the fast decoder, each step fed the text's next token; fills ``nll`` and
+        returns the cache readings of the decoder's ring (the exact cache saw only the first token)."""
+        from lacache.fast_decode import GraphDecoder
+
+        model, n = ctx.model, ids.shape[1]
+        losses = torch.empty(n - 1, dtype=torch.float32, device=ids.device)  # kept on the device: no sync a step
+        losses[:1] = token_nll(model(ids[:, :1], **cache_kwarg(model, cache), use_cache=True).logits[0], ids[0, 1:2])
+        fused = ctx.policy.decode == "triton"
+        decoder = GraphDecoder(model, cache, ids[:, 1:2], max_new_tokens=n, fuse=fused, triton=fused)
+        held = []
+        with contextlib.closing(decoder):
+            for t in range(1, n - 1):
+                logits = decoder.step()  # the logits of token t (on CUDA a buffer the next step overwrites)
+                losses[t : t + 1] = token_nll(logits, ids[0, t + 1 : t + 2])
+                decoder.ids.copy_(ids[:, t + 1 : t + 2])  # teacher forcing: the text's token, not the greedy one
+                held.append(decoder.ring.host_n)
+                if not bar.disable and (t % 256 == 0 or t == n - 2):  # one device sync per 256 tokens for the bar
+                    bar.set_postfix(ppl=f"{math.exp(losses[: t + 1].mean().item()):.2f}", refresh=False)
+                    bar.update(t + 1 - bar.n)
+        nll.copy_(losses.double().cpu())
+        per_slot = cache.bytes_per_slot() if hasattr(cache, "bytes_per_slot") else 0
+        mean = sum(held) / len(held)
+        decode_bytes = decoder.ring.decode_bytes()
+        return {"kv_entries_per_layer_mean": mean, "kv_entries_per_layer_max": max(held), "kv_bytes_mean": mean * per_slot,
+                "kv_bytes_max": max(held) * per_slot, "kv_bytes_decode": decode_bytes, "kv_bytes_allocated": decode_bytes,
+                "kv_bytes_peak": max(cache.stats().get("kv_bytes_peak", 0), decode_bytes) if hasattr(cache, "stats") else decode_bytes}
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each target under its row of logits, computed in fp32."""
+    return -torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
 
     def describe(self) -> dict:
         return {"task": self.name, "dataset": self.dataset, "num_tokens": self.num_tokens}

@@ -16,7 +16,7 @@ from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.h2o import H2OPolicy
 from lacache.baselines.lacache_reference import ReferenceLaCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
-from conftest import stream, tiny_llama
+from conftest import sharpened, stream, tiny_llama
 from lacache.fast_decode import GraphDecoder, fusable
 from lacache.ladder import kept_positions
 from lacache.ladder_cache import LaCachePolicy
@@ -131,6 +131,17 @@ def test_fast_path_keeps_the_ladder_positions_from_an_empty_cache():
     assert torch.equal(decoder.ring.kept_positions(), want)
 
 
+@pytest.mark.parametrize("prompt", [1, 3])
+@pytest.mark.parametrize("name", ["lacache S4 O2", "streamingllm"])
+def test_a_prompt_shorter_than_the_sinks_decodes_like_the_exact_cache(name, prompt):
+    """Tokens decoded into sink slots stay at their positions once merges start (a 1-token prefill, as
+    task=ppl streams; peaked attention, so a sink read at a shifted position shows)."""
+    model = sharpened(tiny_llama(layers=8))
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(3))
+    _, _, want, got = exact_and_fast(model, POLICIES[name], ids, prompt=prompt)
+    assert (got - want).abs().max() < 1e-4 and want.std() > 1
+
+
 def test_fast_path_refuses_what_it_cannot_do():
     model = tiny_llama(layers=8)
     ids = torch.randint(0, 128, (1, 20))
@@ -162,12 +173,14 @@ def test_reference_method_keeps_the_same_positions_as_lacache():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-@pytest.mark.parametrize("name, fuse, triton", [("lacache S4 O2", False, False), ("streamingllm", False, False),
-                                               ("lacache S4 O2", True, False), ("lacache S4 O2", True, True),
-                                               ("streamingllm", True, True)])
-def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse, triton):
+@pytest.mark.parametrize("name, fuse, triton, prompt", [("lacache S4 O2", False, False, 128), ("streamingllm", False, False, 128),
+                                                       ("lacache S4 O2", True, False, 128), ("lacache S4 O2", True, True, 128),
+                                                       ("streamingllm", True, True, 128), ("streamingllm", False, False, 1),
+                                                       ("lacache S4 O2", True, True, 1)])
+def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse, triton, prompt):
     """bf16 tolerance, measured: the fast path may differ from the exact bf16 path by no more than
-    the exact bf16 path itself differs from fp32 (its own rounding noise), with a small floor."""
+    the exact bf16 path itself differs from fp32 (its own rounding noise), with a small floor. A
+    1-token prompt (task=ppl's stream) decodes its sink tokens too."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -180,16 +193,16 @@ def test_cuda_graph_path_matches_exact_bf16_over_1000_steps(name, fuse, triton):
     model16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model32.state_dict().items()})
     big = {"lacache S4 O2": lambda: LaCachePolicy(budget=96, span=4, overlap=2, sink=4),
            "streamingllm": lambda: StreamingLLMPolicy(budget=96, sink=4)}[name]
-    ids = torch.randint(0, 1024, (2, 128 + 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    exact, decoder, want, got = exact_and_fast(model16, big, ids, prompt=128, rebase_every=300, graphs=True, fuse=fuse,
+    ids = torch.randint(0, 1024, (2, prompt + 1000), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    exact, decoder, want, got = exact_and_fast(model16, big, ids, prompt=prompt, rebase_every=300, graphs=True, fuse=fuse,
                                                triton=triton)
-    _, _, want32, _ = exact_and_fast(model32, big, ids, prompt=128, rebase_every=300, graphs=False)
+    _, _, want32, _ = exact_and_fast(model32, big, ids, prompt=prompt, rebase_every=300, graphs=False)
     noise = (want - want32).abs().max().item()
     error = (got - want).abs().max().item()
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     print(f"{name}{' fused' if fuse else ''}{' triton' if triton else ''}: max|fast-exact| {error:.4f}, max|exact bf16 - fp32| {noise:.4f}, argmax agreement {agree:.4f}, "
           f"compactions {decoder.ring.compactions}")
-    assert decoder.ring.compactions >= 900 and decoder.ring.wraps >= (5 if name.startswith("lacache") else 0)
+    assert decoder.ring.compactions >= 800 and decoder.ring.wraps >= (5 if name.startswith("lacache") else 0)
     assert error <= max(noise, 0.02)
     assert torch.equal(decoder.ring.kept_positions(), exact.kept_positions()[:, 0, 0])
 
