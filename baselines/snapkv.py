@@ -115,6 +115,7 @@ class SnapKVCache(ScoredCache):
 class SnapKVPolicy(CachePolicy):
     name: ClassVar[str] = "snapkv"
     fast_decode: ClassVar[bool] = True
+    fast_stream: ClassVar[bool] = False  # a stream compresses with the pooled window rule (exact path only)
 
     budget: int | float | None = 256
     window: int = 32  # newest queries that score the prompt (kept as well)

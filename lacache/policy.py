@@ -43,6 +43,8 @@ class CachePolicy:
     fast_decode: ClassVar[bool] = False
     #: True when it converts to the ring layout, whose fused step has Triton kernels (``decode=triton``).
     ring_decode: ClassVar[bool] = False
+    #: False when a stream from an empty cache (``task=ppl``) compresses in a way only the exact path runs.
+    fast_stream: ClassVar[bool] = True
 
     budget: int | float | None = None
     budget_of: str = "prompt"

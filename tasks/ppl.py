@@ -72,6 +72,10 @@ class PerplexityTask(Task):
             raise TaskConfigError("task.dataset=text_file needs task.path=<a text file>")
 
     def check(self, model_config, policy, max_length) -> None:
+        if policy.decode != "exact" and not policy.exact_chunks and not type(policy).fast_stream:
+            raise TaskConfigError(
+                f"task=ppl streams the text into an empty {policy.name} cache, which compresses the stream in a way "
+                f"only the exact path runs; cache.decode={policy.decode!r} cannot: use cache.decode=exact")
         if self.dataset == "text_file":
             self._file_text()
 

@@ -74,3 +74,16 @@ def test_fast_streaming_ppl_is_teacher_forced(text, monkeypatch):
     task = PerplexityTask(dataset="text_file", path=str(text), num_tokens=TOKENS, window=WINDOW)
     broken = task.run(RunContext(model, tokenizer, make(decode="fast"), model.config, 4096, progress=False))
     assert [window["ppl"] for window in broken.curves["ppl_window"]] != pytest.approx(want, rel=1e-2)
+
+
+def test_a_stream_only_the_exact_path_runs_is_refused_before_the_model_loads(text):
+    from lacache.baselines.pyramidkv import PyramidKVPolicy
+    from lacache.baselines.snapkv import SnapKVPolicy
+    from lacache.tasks.base import TaskConfigError
+
+    task = PerplexityTask(dataset="text_file", path=str(text), num_tokens=TOKENS, window=WINDOW)
+    for policy in (SnapKVPolicy(budget=64, decode="fast"), PyramidKVPolicy(budget=64, decode="fast")):
+        with pytest.raises(TaskConfigError, match=f"empty {policy.name} cache.*cache.decode='fast' cannot: use cache.decode=exact"):
+            task.check(None, policy, 4096)
+    task.check(None, SnapKVPolicy(budget=64), 4096)
+    task.check(None, H2OPolicy(budget=16, decode="fast"), 4096)
