@@ -125,10 +125,10 @@ class PerplexityTask(Task):
         reset_device_peak(device)
         bar = tqdm(total=n - 1, desc=f"ppl {ctx.policy.name}", unit="tok", disable=not ctx.progress, mininterval=2)
         fast = step == 1 and ctx.policy.decode != "exact" and n > 2
-        stats = {}
+        ring_stats = {}
         with torch.inference_mode(), Stopwatch(device) as clock:
             if fast:
-                stats = self._stream_fast(ctx, ids, cache, nll, bar)
+                ring_stats = self._stream_fast(ctx, ids, cache, nll, bar)
             else:
                 total = 0.0
                 for start in range(0, n - 1, step):
@@ -151,7 +151,7 @@ class PerplexityTask(Task):
             "peak_rss_bytes": peak_rss_bytes(),
             "peak_device_bytes": device_peak_bytes(device),
             **(cache.stats() if hasattr(cache, "stats") else {}),
-            **stats,
+            **ring_stats,  # the fast stream's cache readings, where it ran
         }
         return TaskResult(metrics=metrics, curves={"ppl_window": windows}, stats=stats)
 
@@ -184,10 +184,10 @@ class PerplexityTask(Task):
                 "kv_bytes_max": max(held) * per_slot, "kv_bytes_decode": decode_bytes, "kv_bytes_allocated": decode_bytes,
                 "kv_bytes_peak": max(cache.stats().get("kv_bytes_peak", 0), decode_bytes) if hasattr(cache, "stats") else decode_bytes}
 
+    def describe(self) -> dict:
+        return {"task": self.name, "dataset": self.dataset, "num_tokens": self.num_tokens}
+
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Negative log-likelihood of each target under its row of logits, computed in fp32."""
     return -torch.log_softmax(logits.float(), -1).gather(1, targets[:, None])[:, 0]
-
-    def describe(self) -> dict:
-        return {"task": self.name, "dataset": self.dataset, "num_tokens": self.num_tokens}

@@ -86,4 +86,5 @@ def test_a_stream_only_the_exact_path_runs_is_refused_before_the_model_loads(tex
         with pytest.raises(TaskConfigError, match=f"empty {policy.name} cache.*cache.decode='fast' cannot: use cache.decode=exact"):
             task.check(None, policy, 4096)
     task.check(None, SnapKVPolicy(budget=64), 4096)
+    assert task.describe() == {"task": "ppl", "dataset": "text_file", "num_tokens": TOKENS}  # what keys its records
     task.check(None, H2OPolicy(budget=16, decode="fast"), 4096)
