@@ -50,11 +50,11 @@ test-compat: setup ## the fast tests against the lowest supported transformers (
 	$(COMPAT_VENV)/bin/python -m pytest -q -m "not slow" $(COMPAT_ARGS)
 
 bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU); records in runs/records, plot in reports/bench.png
-	$(PY) -m lacache.bench --model smollm2-135m --contexts 4096 --budgets 512 2048 --steps 48 \
+	$(PY) -m lacache.harness.bench --model smollm2-135m --contexts 4096 --budgets 512 2048 --steps 48 \
 	  --policies full streamingllm h2o snapkv tova pyramidkv lacache lacache_reference --decode eager graph
 
 ladder: setup ## draw the ladder (kept positions per layer) to reports/ladder.png
-	$(PY) -m lacache.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --sink 4 --tokens 600 --out reports/ladder.png
+	$(PY) -m lacache.report.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --sink 4 --tokens 600 --out reports/ladder.png
 
 paper-table: setup ## paper tables (Markdown + LaTeX, 95% bootstrap CIs) and figures from runs/ into reports/, and docs/RESULTS.md's generated tables from docs/data/
 	$(PY) -m lacache.report --runs runs --out reports
@@ -72,7 +72,7 @@ paper-table-smoke: setup ## every paper experiment's _smoke variant on the embed
 	  echo "[paper-table-smoke] $${exp}_smoke: $$(( $$(date +%s) - start )) s"; \
 	done
 	@start=$$(date +%s); \
-	$(OFFLINE) $(PY) -m lacache.bench --model smollm2-135m --contexts 512 1024 2048 --budgets 256 --steps 16 --runs-dir $(SMOKE_RUNS) --plot ""; \
+	$(OFFLINE) $(PY) -m lacache.harness.bench --model smollm2-135m --contexts 512 1024 2048 --budgets 256 --steps 16 --runs-dir $(SMOKE_RUNS) --plot ""; \
 	echo "[paper-table-smoke] bench: $$(( $$(date +%s) - start )) s"
 	$(PY) -m lacache.report --runs $(SMOKE_RUNS) --out $(SMOKE_OUT)
 

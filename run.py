@@ -1,7 +1,7 @@
 """Run one experiment (or a sweep with -m): python run.py model=<m> cache=<policy> task=<task>.
-The same as the installed ``lacache`` command (:mod:`lacache.cli`)."""
+The same as the installed ``lacache`` command (:mod:`lacache.harness.cli`)."""
 
-from lacache.cli import main
+from lacache.harness.cli import main
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from transformers.cache_utils import DynamicCache
 
-from lacache.policy import CachePolicy, text_config
+from lacache.compat import text_config
+from lacache.policy import CachePolicy
 
 
 class FullCache(DynamicCache):

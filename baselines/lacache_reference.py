@@ -16,10 +16,10 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lacache.compat import text_config
 from lacache.kvcache import RotaryTable, rotary_embedding_of
 from lacache.ladder import Ladder, LadderState
 from lacache.ladder_cache import LaCachePolicy
-from lacache.policy import text_config
 
 
 class ReferenceLadderCache(Cache):

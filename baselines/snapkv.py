@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 
 from lacache.baselines.attention_scores import ScoredCache, attention_column_sums
+from lacache.compat import text_config
 from lacache.kvcache import EvictionRule, Plan
-from lacache.policy import CachePolicy, PolicyConfigError, text_config
+from lacache.policy import CachePolicy, PolicyConfigError
 
 POOLINGS = ("max", "avg")
 

@@ -18,8 +18,9 @@ from typing import ClassVar
 import torch
 
 from lacache.baselines.attention_scores import ScoredCache, attention_column_sums
+from lacache.compat import text_config
 from lacache.kvcache import EvictionRule, Plan
-from lacache.policy import CachePolicy, PolicyConfigError, text_config
+from lacache.policy import CachePolicy, PolicyConfigError
 
 
 def tova_select(weights: torch.Tensor, keep: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ def make_policy(name: str, **settings) -> CachePolicy:
     """The policy that ``cache=<name>`` runs (``configs/cache/<name>.yaml``), with ``settings`` overriding it."""
     from omegaconf import OmegaConf
 
-    from lacache.runner import build
+    from lacache.harness.runner import build
 
     return build(OmegaConf.merge(_config("cache", name), settings), "cache")
 

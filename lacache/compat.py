@@ -112,3 +112,8 @@ def guard_inputs(model, args: tuple, kwargs: dict):
         kwargs["position_ids"] = None  # the token indices generate() builds; the cache's own positions replace them
     setattr(cache, _FED, seen + count)
     return args, kwargs
+
+
+def text_config(config):
+    """The language model's config of a (possibly multimodal) model config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -57,7 +57,7 @@ class Plan:
 
 @dataclass
 class RingRule:
-    """A policy's compaction in the terms of the fast decode path (``lacache.fast_decode``): each
+    """A policy's compaction in the terms of the fast decode path (``lacache.decode``): each
     merge at ``cursor`` turns a block of ``block`` slots into the ``kept`` slots at per-layer
     ``offsets`` inside it; ``plan(n)`` gives the merges due at length ``n`` as segments with
     ``cursor`` and ``count`` (a cursor that goes back starts a new sweep); a decode step never
@@ -74,7 +74,7 @@ class RingRule:
 @dataclass
 class EvictionRule:
     """A policy's decode in the terms of the fast decode path for evicting policies
-    (:mod:`lacache.eviction_decode`): after each step's attention, a layer holding more than
+    (:mod:`lacache.decode.eviction`): after each step's attention, a layer holding more than
     ``budget`` entries drops one, the lowest-scored (``score``: ``"accumulated"``: the attention
     every query paid it, per KV head, H2O; ``"last"``: the step's own attention summed over the
     layer's heads, one choice per layer, TOVA); the newest ``protected`` entries are never dropped.
@@ -271,7 +271,7 @@ class CompactingCache(Cache):
         return None
 
     def eviction_rule(self) -> EvictionRule | None:
-        """The policy's decode for the evicting fast path (:mod:`lacache.eviction_decode`); ``None``: none."""
+        """The policy's decode for the evicting fast path (:mod:`lacache.decode.eviction`); ``None``: none."""
         return None
 
     # ------------------------------------------------------------------ transformers Cache API

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 LAYOUTS = ("reference", "bands")
 
 

@@ -17,9 +17,10 @@ from typing import ClassVar
 
 import torch
 
+from lacache.compat import text_config
 from lacache.kvcache import CompactingCache, Plan, RingRule
 from lacache.ladder import LAYOUTS, Ladder, LadderConfigError, LadderState, validate
-from lacache.policy import CachePolicy, PolicyConfigError, text_config
+from lacache.policy import CachePolicy, PolicyConfigError
 
 
 class LadderCache(CompactingCache):

@@ -164,7 +164,7 @@ def load_config(spec: ModelSpec):
 
 
 def max_length(spec: ModelSpec, config) -> int | None:
-    from lacache.policy import text_config
+    from lacache.compat import text_config
 
     return spec.max_length or getattr(text_config(config), "max_position_embeddings", None)
 

@@ -7,8 +7,8 @@ one Python file plus one ``configs/cache/<name>.yaml`` whose ``_target_`` names 
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,10 +25,6 @@ class PolicyConfigError(ValueError):
     """A cache-policy setting that cannot work; raised before the model loads where possible."""
 
 
-def text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 @dataclass
 class CachePolicy:
     """Base class. ``budget``: KV entries kept per layer, an int (absolute) or a float in (0, 1]
@@ -39,7 +35,7 @@ class CachePolicy:
     name: ClassVar[str] = "base"
     #: True when feeding several tokens at once gives exactly the logits of feeding them one by one.
     exact_chunks: ClassVar[bool] = False
-    #: True when the cache converts to ``lacache.fast_decode`` (``decode=fast``).
+    #: True when the cache converts to ``lacache.decode`` (``decode=fast``).
     fast_decode: ClassVar[bool] = False
     #: True when it converts to the ring layout, whose fused step has Triton kernels (``decode=triton``).
     ring_decode: ClassVar[bool] = False
@@ -50,7 +46,7 @@ class CachePolicy:
     budget_of: str = "prompt"
     prefill: str = "full"
     prefill_chunk: int = 512
-    decode: str = "exact"  # exact: the model's forward on this cache | fast: lacache.fast_decode (CUDA graphs on a GPU)
+    decode: str = "exact"  # exact: the model's forward on this cache | fast: lacache.decode.fast (CUDA graphs on a GPU)
     #                       | triton: fast, with the fused step's Triton kernels (CUDA, Llama-family models)
 
     def __post_init__(self) -> None:

@@ -31,12 +31,12 @@ guard that ``make_cache`` installs drops the absolute positions and the all-ones
 builds, and refuses padded batches and second turns: :mod:`lacache.compat`, tested in
 ``tests/test_library.py``); this loop stays because it also stops at strings, times prefill and
 decode separately and feeds ``compress=context`` in two parts. With
-``cache.decode=fast`` the answer is decoded by :class:`lacache.fast_decode.GraphDecoder` instead
+``cache.decode=fast`` the answer is decoded by :class:`lacache.decode.fast.GraphDecoder` instead
 (same positions and logits up to rounding; CUDA graphs on a GPU); ``cache.decode=triton``: through its
 fused step with Triton kernels. With either, the prompt's masked forwards (a chunk after the first, the
 question of ``compress=context``) attend without copying keys and values per query head
-(:mod:`lacache.grouped_attention`; the same up to rounding), and a chunked prefill on a GPU replays
-its middle layers as CUDA graphs where the cache allows (:mod:`lacache.chunk_graphs`; bit for bit).
+(:mod:`lacache.decode.grouped_attention`; the same up to rounding), and a chunked prefill on a GPU replays
+its middle layers as CUDA graphs where the cache allows (:mod:`lacache.decode.chunk_graphs`; bit for bit).
 
 Per sample it records prompt and generated token counts, prefill and decode speed, peak memory
 (:mod:`lacache.measure`) and the cache's own ``stats()`` (KV entries / bytes held).
@@ -52,9 +52,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from lacache.chunk_graphs import graphed_prefill
-from lacache.grouped_attention import grouped_attention
 from lacache.compat import cache_kwarg
+from lacache.decode.chunk_graphs import graphed_prefill
+from lacache.decode.grouped_attention import grouped_attention
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
 from lacache.models import input_device
 from lacache.policy import CachePolicy
@@ -230,7 +230,7 @@ def _exact_step(model, cache, kwargs: dict, device):
 
 
 def _fast_step(decoder):
-    """One decode step on :mod:`lacache.fast_decode` (``cache.decode=fast``), same contract as :func:`_exact_step`."""
+    """One decode step on :mod:`lacache.decode.fast` (``cache.decode=fast``), same contract as :func:`_exact_step`."""
 
     def step(tokens: list[int]) -> torch.Tensor:
         decoder.ids.copy_(torch.tensor(tokens, dtype=decoder.ids.dtype)[:, None])
@@ -340,7 +340,7 @@ def generate_batch(
             tokens = pick(logits, 0)
         step_fn, decoder = _exact_step(model, cache, kwargs, device), None
         if policy.decode in ("fast", "triton"):
-            from lacache.fast_decode import GraphDecoder
+            from lacache.decode.fast import GraphDecoder
 
             fused = policy.decode == "triton"
             decoder = GraphDecoder(model, cache, torch.tensor(tokens, device=device)[:, None], max_new_tokens=max_new_tokens,

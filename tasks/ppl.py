@@ -4,7 +4,7 @@ A long text is streamed through the model with the cache policy active: token by
 chunks where the policy says chunking is exact (the full cache). Reports overall PPL and PPL per
 window of ``window`` predicted tokens, so a curve shows where a policy breaks down.
 
-Token by token, ``cache.decode=fast|triton`` streams through :class:`lacache.fast_decode.GraphDecoder`
+Token by token, ``cache.decode=fast|triton`` streams through :class:`lacache.decode.fast.GraphDecoder`
 (CUDA graphs on a GPU) instead of the model's forward: the first token goes through the forward, then
 each step is fed the text's next token (teacher forcing, ``decoder.ids``) and its logits score the
 one after. The positions and compactions are the exact path's; the logits are equal up to rounding
@@ -159,7 +159,7 @@ class PerplexityTask(Task):
     def _stream_fast(ctx: RunContext, ids: torch.Tensor, cache, nll: torch.Tensor, bar) -> dict:
         """Token by token through the fast decoder, each step fed the text's next token; fills ``nll`` and
         returns the cache readings of the decoder's ring (the exact cache saw only the first token)."""
-        from lacache.fast_decode import GraphDecoder
+        from lacache.decode.fast import GraphDecoder
 
         model, n = ctx.model, ids.shape[1]
         losses = torch.empty(n - 1, dtype=torch.float32, device=ids.device)  # kept on the device: no sync a step

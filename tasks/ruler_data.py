@@ -95,18 +95,17 @@ import bisect
 import functools
 import hashlib
 import json
+import random
 import re
 import string
 import uuid
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import long_context_eval
 import numpy as np
 import yaml
-
-import long_context_eval
 from long_context_eval.data.synthetic.constants import TASKS as _RULER_TEMPLATES
 from long_context_eval.data.template import Templates as _RULER_MODEL_TEMPLATES
 from long_context_eval.eval.synthetic import constants as _RULER_METRICS

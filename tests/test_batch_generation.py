@@ -5,20 +5,20 @@ eviction chosen for the wrong row, changes the greedy tokens."""
 
 import pytest
 import torch
+from test_oracle import peaked_llama
+from test_tasks import LetterTokenizer, context
 
-from lacache import records
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.h2o import H2OPolicy
 from lacache.baselines.pyramidkv import PyramidKVPolicy
 from lacache.baselines.snapkv import SnapKVPolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.baselines.tova import TOVAPolicy
+from lacache.harness import records
 from lacache.ladder_cache import LaCachePolicy
 from lacache.tasks import generation as gen
 from lacache.tasks.base import TaskConfigError
 from lacache.tasks.ruler import RulerTask
-from test_oracle import peaked_llama
-from test_tasks import LetterTokenizer, context
 
 POLICIES = {
     "full": lambda d: FullCachePolicy(decode=d),
@@ -180,6 +180,7 @@ def test_ruler_batched_answers_equal_one_at_a_time(smollm2):
 
 def test_niah_batched_answers_equal_one_at_a_time(smollm2, tmp_path):
     from conftest import tiny_llama
+
     from lacache.tasks.niah import NeedleTask
 
     _, tok = smollm2

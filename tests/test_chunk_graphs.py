@@ -1,21 +1,21 @@
-"""CUDA graphs of a chunked prefill's middle layers (lacache.chunk_graphs): which caches qualify, and
+"""CUDA graphs of a chunked prefill's middle layers (lacache.decode.chunk_graphs): which caches qualify, and
 on a GPU, every logit and every cache slot bit-equal to the eager chunked prefill."""
 
 import contextlib
 
 import pytest
 import torch
+from conftest import sharpened, tiny_llama
 
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.h2o import H2OPolicy
 from lacache.baselines.snapkv import SnapKVPolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.baselines.tova import TOVAPolicy
-from lacache.chunk_graphs import ChunkGraphs, graphed_prefill, why_not_graphed
 from lacache.compat import cache_kwarg
-from lacache.grouped_attention import grouped_attention
+from lacache.decode.chunk_graphs import ChunkGraphs, graphed_prefill, why_not_graphed
+from lacache.decode.grouped_attention import grouped_attention
 from lacache.ladder_cache import LaCachePolicy
-from conftest import sharpened, tiny_llama
 
 
 def peaked_llama(layers=8):
@@ -75,8 +75,9 @@ def test_graphed_chunked_prefill_equals_the_eager_one_bit_for_bit(name, dtype, g
 def test_a_task_generation_replays_graphs_and_answers_the_same(monkeypatch):
     """``cache.decode=fast`` with ``prefill=chunked`` replays graphs in a task's generation loop (counted in
     its record), with the tokens of the same loop without them."""
-    from lacache.tasks import generation
     from test_tasks import LetterTokenizer
+
+    from lacache.tasks import generation
 
     model = peaked_llama().cuda()
     policy = LaCachePolicy(budget=16, span=4, overlap=2, sink=2, prefill="chunked", prefill_chunk=8, decode="fast")

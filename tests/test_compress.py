@@ -5,12 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
+from test_harness import run_cli
+from test_reports import _sweep_points
+from test_tasks import PROMPT, LetterTokenizer
 from transformers import DynamicCache
 
-from conftest import tiny_llama
-from lacache import report
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
+from lacache.report import tables as report
 from lacache.tasks import generation as gen
 from lacache.tasks import longbench_data as lb
 from lacache.tasks import ruler_data
@@ -18,9 +21,6 @@ from lacache.tasks.base import RunContext, TaskConfigError
 from lacache.tasks.longbench import LongBenchTask
 from lacache.tasks.niah import QUESTION, NeedleTask
 from lacache.tasks.ruler import RulerTask
-from test_harness import run_cli
-from test_reports import _sweep_points
-from test_tasks import PROMPT, LetterTokenizer
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "longbench"
 SPLIT = 17  # PROMPT's first 17 tokens play the context, the last 8 the question
@@ -93,7 +93,7 @@ def test_the_question_goes_through_the_compressed_context_and_stays_in_the_cache
 def test_each_policy_compresses_the_context_before_the_question(tiny_model, name, settings):
     from omegaconf import OmegaConf
 
-    from lacache.runner import build
+    from lacache.harness.runner import build
 
     node = OmegaConf.load(Path(__file__).resolve().parent.parent / "configs" / "cache" / f"{name}.yaml")
     policy = build(OmegaConf.merge(node, {"budget": 10, **settings}), "cache")
@@ -263,7 +263,7 @@ def _record(key, policy, compress, scores, budget=0.5):
 
 
 def test_report_shows_compress_as_a_column_and_pairs_within_a_mode(tmp_path):
-    from lacache.records import write_record
+    from lacache.harness.records import write_record
 
     for record in (_record("a1", "streamingllm", "prompt", [1, 0]), _record("a2", "lacache", "prompt", [1, 1]),
                    _record("b1", "streamingllm", "context", [0, 0]), _record("b2", "lacache", "context", [1, 0]),

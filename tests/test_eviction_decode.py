@@ -1,20 +1,20 @@
-"""``decode=fast`` for H2O, TOVA, SnapKV and PyramidKV (lacache.eviction_decode), run eagerly on the CPU:
+"""``decode=fast`` for H2O, TOVA, SnapKV and PyramidKV (lacache.decode.eviction), run eagerly on the CPU:
 logits against the float64 oracle with each policy's rule written from its reference
 (tests/oracle_rules.py), the entries kept against the exact cache, and whole generations."""
 
+import oracle_rules as rules
 import pytest
 import torch
+from test_oracle import assert_matches, oracle_logits, peaked_llama, tokens
 
-import oracle_rules as rules
 from lacache.baselines.h2o import H2OPolicy
 from lacache.baselines.pyramidkv import PyramidKVPolicy
 from lacache.baselines.snapkv import SnapKVPolicy
 from lacache.baselines.tova import TOVAPolicy
 from lacache.compat import cache_kwarg
-from lacache.fast_decode import GraphDecoder
+from lacache.decode.fast import GraphDecoder
 from lacache.kvcache import EvictionRule
 from lacache.policy import PolicyConfigError
-from test_oracle import assert_matches, oracle_logits, peaked_llama, tokens
 
 PROMPT, LENGTH = 40, 110
 CASES = {  # name: (kv_heads, policy, oracle rule, position mode)
@@ -91,8 +91,9 @@ def test_a_wrong_eviction_score_is_caught():
                          ids=["h2o", "tova", "snapkv", "pyramidkv"])
 @pytest.mark.parametrize("context", [None, 30], ids=["prompt", "context"])
 def test_generation_with_decode_fast_equals_exact_for_scored_policies(make, context):
-    from lacache.tasks import generation
     from test_tasks import LetterTokenizer
+
+    from lacache.tasks import generation
 
     model = peaked_llama(2, seed=4)
     prompt = [int(t) for t in torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(5))]

@@ -1,4 +1,4 @@
-"""The fast decode path (lacache.fast_decode) against the exact caches, and the reference-method baseline.
+"""The fast decode path (lacache.decode.fast) against the exact caches, and the reference-method baseline.
 
 CPU tests run the same ring code eagerly in fp32 (tight tolerance); the CUDA test captures CUDA
 graphs and checks bf16 logits over 1,000 steps with compactions, wraps and rebases (run it on a
@@ -10,14 +10,15 @@ import os
 
 import pytest
 import torch
+from conftest import sharpened, stream, tiny_llama
 
-from lacache.compat import cache_kwarg
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.h2o import H2OPolicy
 from lacache.baselines.lacache_reference import ReferenceLaCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
-from conftest import sharpened, stream, tiny_llama
-from lacache.fast_decode import GraphDecoder, fusable
+from lacache.compat import cache_kwarg
+from lacache.decode.fast import GraphDecoder
+from lacache.decode.fused import fusable
 from lacache.ladder import kept_positions
 from lacache.ladder_cache import LaCachePolicy
 
@@ -97,7 +98,7 @@ def test_fused_step_equals_the_exact_cache(name):
 def test_fusing_weights_that_only_happen_to_be_adjacent_makes_one_tensor():
     """Separate allocations can lie back to back (the CUDA caching allocator places them so): that is
     not one tensor, so the weights are stacked anew (two storages over one numpy buffer stand in for it)."""
-    from lacache.fast_decode import fuse_linears
+    from lacache.decode.fused import fuse_linears
 
     buffer = torch.randn(12, 4).numpy()
     first, second = torch.nn.Linear(4, 6, bias=False), torch.nn.Linear(4, 6, bias=False)
@@ -228,7 +229,7 @@ def test_triton_kernels_equal_a_written_out_reference(heads, kv_heads, dim, capa
     SmolLM2's head layout (3 query heads per KV head, dim 64) and Llama-3-8B's (4, 128); ``empty`` leading
     128-slot splits hold no valid slot (70 splits: the merge takes two passes; with 64 empty, its first sees none). Without a GPU, under
     Triton's interpreter, in fp32 (its bf16 matrix product is broken)."""
-    from lacache import triton_decode
+    from lacache.decode import triton_kernels as triton_decode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device).manual_seed(0)
@@ -276,7 +277,7 @@ def test_triton_products_equal_a_written_out_reference(rows, width):
     """The fused step's Triton products against float64 arithmetic: plain, with a bias, after
     SiLU(gate) x up, and after the skip connection's sum and its RMSNorm (whose sum each batch row
     gets back once, in a new tensor: the input residual is left as it was)."""
-    from lacache import triton_decode
+    from lacache.decode import triton_kernels as triton_decode
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator(device).manual_seed(0)
@@ -307,7 +308,7 @@ def test_triton_products_equal_a_written_out_reference(rows, width):
 
 
 def test_triton_decode_is_refused_off_cuda(tmp_path):
-    from lacache import bench
+    from lacache.harness import bench
 
     model, ids = tiny_llama(layers=8), torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -323,8 +324,9 @@ def test_triton_decode_is_refused_off_cuda(tmp_path):
                                   lambda d: StreamingLLMPolicy(budget=12, sink=2, decode=d),
                                   lambda d: FullCachePolicy(decode=d)], ids=["lacache", "streamingllm", "full"])
 def test_generation_with_decode_fast_equals_exact(make):
-    from lacache.tasks import generation
     from test_tasks import LetterTokenizer
+
+    from lacache.tasks import generation
 
     model = tiny_llama(layers=8, seed=4)
     prompt = [int(t) for t in torch.randint(3, 128, (40,), generator=torch.Generator().manual_seed(5))]
@@ -343,8 +345,9 @@ def test_generation_with_decode_fast_equals_exact(make):
 def test_generation_with_decode_triton_equals_decode_fast(make):
     """``cache.decode=triton`` reaches the Triton step through a task's generation loop (fp32 on the
     GPU: the same greedy tokens as ``decode=fast``, also for two rows decoded together)."""
-    from lacache.tasks import generation
     from test_tasks import LetterTokenizer
+
+    from lacache.tasks import generation
 
     model = tiny_llama(layers=8, seed=4).cuda()
     with torch.no_grad():  # peaked attention: a slot scored at the wrong position changes the tokens
@@ -360,10 +363,11 @@ def test_generation_with_decode_triton_equals_decode_fast(make):
 
 
 def test_decode_fast_is_refused_where_there_is_no_fast_path():
-    from lacache.policy import PolicyConfigError
-    from lacache.runner import ConfigError, check_triton_decode
-    from lacache.models import ModelSpec
     from transformers import GPT2Config, LlamaConfig
+
+    from lacache.harness.runner import ConfigError, check_triton_decode
+    from lacache.models import ModelSpec
+    from lacache.policy import PolicyConfigError
 
     with pytest.raises(PolicyConfigError, match="decode=fast is not available for lacache_reference"):
         ReferenceLaCachePolicy(budget=64, decode="fast")
@@ -381,8 +385,8 @@ def test_decode_fast_is_refused_where_there_is_no_fast_path():
 def test_bench_rows_carry_the_bound_and_the_hf_static_anchor(tmp_path):
     """One bench process: the weight-streaming bound on every row, transformers' generate + StaticCache
     as the hf-static row, and one record per chunk size of a chunked prefill."""
-    from lacache import bench
-    from lacache.records import load_records
+    from lacache.harness import bench
+    from lacache.harness.records import load_records
 
     common = ["--model", "tiny-shape", "--contexts", "96", "--budgets", "32", "--span", "4", "--overlap", "2",
               "--steps", "3", "--plot", "", "--runs-dir", str(tmp_path)]

@@ -1,4 +1,4 @@
-"""Masked grouped-query attention without repeat_kv (lacache.grouped_attention): against a softmax
+"""Masked grouped-query attention without repeat_kv (lacache.decode.grouped_attention): against a softmax
 written out per query head, and a chunked prefill of a peaked tiny Llama against transformers' SDPA."""
 
 import math
@@ -6,14 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import sharpened, tiny_llama
 from torch.nn.attention.bias import CausalBias
 
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.compat import cache_kwarg
-from lacache.grouped_attention import ATTENTION_NAME, grouped_attention, grouped_sdpa_attention, lower_right_or_sdpa_mask
+from lacache.decode.grouped_attention import ATTENTION_NAME, grouped_attention, grouped_sdpa_attention, lower_right_or_sdpa_mask
 from lacache.ladder_cache import LaCachePolicy
-from conftest import sharpened, tiny_llama
 
 
 def per_head_reference(query, key, value, mask, scaling):
@@ -134,7 +134,7 @@ def test_a_chunked_prefill_through_grouped_attention_gives_transformers_logits(p
         calls.append(query.shape)
         return original(query, *args, **kwargs)
 
-    from lacache import grouped_attention as module
+    from lacache.decode import grouped_attention as module
 
     biases = []
 
@@ -180,7 +180,7 @@ def test_on_a_gpu_in_bf16_packed_heads_err_no_more_than_transformers_sdpa():
     mask = torch.ones(rows, held + rows, dtype=torch.bool, device="cuda").tril(held)[None, None]
     module = SimpleNamespace(num_key_value_groups=4, is_causal=True)
     want = per_head_reference(query.cpu().float(), key.cpu().float(), value.cpu().float(), mask.cpu(), 128 ** -0.5)
-    from lacache.grouped_attention import _flash_reads_groups
+    from lacache.decode.grouped_attention import _flash_reads_groups
 
     assert _flash_reads_groups(query, key, value, 0.0)  # the bias runs on flash attention, not as a mask
     packed, _ = grouped_sdpa_attention(module, query, key, value, mask, scaling=128 ** -0.5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lacache.baselines.full import FullCachePolicy
-from lacache.records import load_records
+from lacache.harness.records import load_records
 from lacache.tasks.base import RunContext
 from lacache.tasks.ppl import PerplexityTask
 

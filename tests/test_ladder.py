@@ -5,10 +5,10 @@ import random
 from pathlib import Path
 
 import pytest
+from spec_reference import SpecLaCache
 
 from lacache.compat import cache_kwarg
 from lacache.ladder import Ladder, LadderConfigError, LadderState, kept_positions, validate
-from spec_reference import SpecLaCache
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "lacache_decode_traces.json").read_text())
 
@@ -239,8 +239,8 @@ def test_layout_is_validated_and_recorded():
 def test_bands_cache_keeps_the_predicted_positions(span, overlap, budget, sink):
     """A tiny 8-layer model: decode-by-decode from empty, and one bulk prefill then decode."""
     import torch
-
     from conftest import stream, tiny_llama
+
     from lacache.ladder_cache import LaCachePolicy
 
     model = tiny_llama(layers=8)
@@ -273,7 +273,6 @@ def test_bands_cache_keeps_the_predicted_positions(span, overlap, budget, sink):
 def test_fast_decode_keeps_the_bands_positions_and_logits():
     """decode=fast takes per-layer offsets from ring_rule(): bands need no other change there."""
     import torch
-
     from conftest import tiny_llama
     from test_fast_decode import exact_and_fast
 
@@ -291,7 +290,7 @@ def test_fast_decode_keeps_the_bands_positions_and_logits():
 
 
 def test_ladder_plot_draws_the_bands_layout(tmp_path):
-    from lacache.ladder_plot import main
+    from lacache.report.ladder_plot import main
 
     main(["--layers", "8", "--span", "4", "--overlap", "2", "--budget", "32", "--tokens", "80", "--layout", "bands",
           "--out", str(tmp_path / "bands.png")])

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
+from test_tasks import LetterTokenizer
 from transformers import DynamicCache
 
 import lacache
-from conftest import tiny_llama
 from lacache import UnsupportedInputError, cache_kwarg, make_policy
 from lacache.tasks import generation as gen
-from test_tasks import LetterTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = sorted(p.stem for p in (ROOT / "configs" / "cache").glob("*.yaml"))
@@ -207,9 +207,10 @@ def test_wheel_installs_only_lacache_and_its_command_runs(tiny_model_dir, tmp_pa
 
 
 def test_ppl_progress_bar_shows_the_current_ppl(tiny_model, tmp_path, capsys):
+    from test_harness import ByteTokenizer
+
     from lacache.tasks.base import RunContext
     from lacache.tasks.ppl import PerplexityTask
-    from test_harness import ByteTokenizer
 
     text = tmp_path / "text.txt"
     text.write_text("The ladder cache keeps a few tokens per layer. " * 5)
@@ -231,7 +232,7 @@ class RecordingLogger:
 def test_a_logger_added_on_a_finished_point_logs_its_record(tiny_model_dir, tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
-    from lacache import runner
+    from lacache.harness import runner
 
     text = tmp_path / "text.txt"
     text.write_text("A ladder keeps a few tokens per layer. " * 30)

@@ -5,14 +5,14 @@ import json
 import math
 
 import pytest
-
 from conftest import ROOT, tiny_llama
-from lacache import report
+from test_harness import run_cli
+
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
+from lacache.report import tables as report
 from lacache.tasks.base import TaskConfigError
 from lacache.tasks.lm_eval import LmEvalTask, metric_name
-from test_harness import run_cli
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.models.huggingface import HFLM  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from conftest import stream, tiny_llama
 from omegaconf import OmegaConf
 
-from lacache.runner import build
+from lacache.harness.runner import build
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "cache"
 UNCOMPRESSED = {"full", "lacache_reference"}  # the ceiling, and the reference's per-step method (grows by concatenation)

@@ -8,11 +8,11 @@ the oracle to 1e-4 in fp32.
 
 from __future__ import annotations
 
+import oracle as ref
 import pytest
 import torch
 from conftest import sharpened, stream, tiny_llama
 
-import oracle as ref
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.ladder_cache import LaCachePolicy
@@ -125,7 +125,7 @@ def test_fast_decode_matches_the_oracle(name):
     """``decode=fast`` (the ring cache, run eagerly on the CPU) after a prefill, teacher-forced over
     enough steps to compact and wrap, against the oracle's logits."""
     from lacache.compat import cache_kwarg
-    from lacache.fast_decode import GraphDecoder
+    from lacache.decode.fast import GraphDecoder
 
     make_policy, rule = FAST[name]
     model, ids = peaked_llama(), tokens(120)

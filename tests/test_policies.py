@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from conftest import stream, tiny_llama
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lacache.compat import cache_kwarg
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.h2o import H2OPolicy, HeavyHitterCache, attention_column_sums
 from lacache.baselines.streamingllm import StreamingLLMPolicy
-from conftest import stream, tiny_llama
+from lacache.compat import cache_kwarg
 from lacache.ladder import kept_positions
 from lacache.ladder_cache import LaCachePolicy
 from lacache.policy import PolicyConfigError

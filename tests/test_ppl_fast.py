@@ -3,18 +3,18 @@ forcing), scored against the oracle's per-token logits (tests/oracle.py) on a pe
 
 import math
 
-import pytest
-import torch
-
 import oracle as ref
 import oracle_rules as rules
+import pytest
+import torch
+from test_harness import ByteTokenizer
+from test_oracle import LAYERS, peaked_llama
+
 from lacache.baselines.h2o import H2OPolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.ladder_cache import LaCachePolicy
 from lacache.tasks.base import RunContext
 from lacache.tasks.ppl import PerplexityTask
-from test_harness import ByteTokenizer
-from test_oracle import LAYERS, peaked_llama
 
 TOKENS, WINDOW = 90, 16
 CASES = {  # name: (policy keywords, oracle rule, position mode)
@@ -56,7 +56,7 @@ def test_fast_streaming_ppl_matches_the_oracle_token_by_token(name, text):
 
 def test_fast_streaming_ppl_is_teacher_forced(text, monkeypatch):
     """The check above can fail: a decoder left to its own greedy tokens scores another text."""
-    from lacache import fast_decode
+    from lacache.decode import fast as fast_decode
 
     class Greedy(fast_decode.GraphDecoder):
         def step(self):

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lacache import bench, report
-from lacache.figures import bench_table, ppl_curves, ppl_table
-from lacache.ladder_plot import draw_ladder
-from lacache.records import load_records
+from lacache.harness import bench
+from lacache.harness.records import load_records
+from lacache.report import tables as report
+from lacache.report.figures import bench_table, ppl_curves, ppl_table
+from lacache.report.ladder_plot import draw_ladder
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = Path(__file__).parent / "fixtures" / "records"
@@ -196,9 +197,9 @@ def test_experiment_and_its_smoke_variant_compose(name):
     from omegaconf import OmegaConf
 
     from lacache import models
+    from lacache.harness.runner import build
     from lacache.ladder import LadderConfigError, validate
     from lacache.policy import PolicyConfigError
-    from lacache.runner import build
 
     for variant in (name, f"{name}_smoke"):
         points = _sweep_points(variant)

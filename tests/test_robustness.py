@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from test_sweeps import ROOT, cli_env, read_all, summary_line, sweep, text_file, tiny, write  # noqa: F401 (fixtures)
 
-from lacache import bench, records, report, runner
+from lacache.harness import bench, records, runner
+from lacache.report import tables as report
 from lacache.tasks.ppl import PerplexityTask
 
 

@@ -57,8 +57,8 @@ def count(tokenizer, text):
 
 
 def test_task_list_matches_ruler_yaml():
-    import yaml
     import long_context_eval
+    import yaml
 
     with open(Path(long_context_eval.__file__).parent / "synthetic.yaml") as f:
         cfg = yaml.safe_load(f)

@@ -5,12 +5,13 @@ import gc
 import itertools
 import json
 
+import oracle_rules as rules
 import pytest
 import torch
-
-import oracle_rules as rules
 from conftest import stream, tiny_llama
-from lacache.compat import cache_kwarg
+from test_harness import run_cli
+from test_oracle import assert_matches, oracle_logits, peaked_llama, tokens
+
 from lacache.baselines.attention_scores import attention_column_sums, hooked_modules
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.h2o import H2OPolicy
@@ -19,10 +20,9 @@ from lacache.baselines.pyramidkv import PyramidKVPolicy, pyramid_budgets
 from lacache.baselines.snapkv import SnapKVPolicy, snap_select
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.baselines.tova import TOVAPolicy, tova_select
+from lacache.compat import cache_kwarg
 from lacache.ladder_cache import LaCachePolicy
 from lacache.policy import PolicyConfigError
-from test_harness import run_cli
-from test_oracle import assert_matches, oracle_logits, peaked_llama, tokens
 
 PROMPT = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(1))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lacache import records
-from lacache.tracking import sweep_group
+from lacache.harness import records
+from lacache.harness.tracking import sweep_group
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_TASK = "task._target_=sweep_tasks.ExplodingPerplexity"  # tests/sweep_tasks.py, importable via PYTHONPATH
@@ -154,7 +154,7 @@ def test_a_setting_of_a_swept_cache_reaches_every_point(tiny, tmp_path):
 
 
 def test_only_settings_of_swept_groups_are_rewritten():
-    from lacache.cli import swept_group_settings
+    from lacache.harness.cli import swept_group_settings
 
     assert swept_group_settings(["-m", "cache=h2o,tova", "cache.budget=256", "task.context_length=8192", "seed=0,1"]) == \
         ["-m", "cache=h2o,tova", "++cache.budget=256", "task.context_length=8192", "seed=0,1"]
@@ -174,7 +174,7 @@ def test_sweep_group_names():
 def test_rerun_true_recomputes_a_finished_point(tiny, tmp_path, capsys):
     from hydra import compose, initialize_config_dir
 
-    from lacache.runner import run
+    from lacache.harness.runner import run
 
     overrides = [o for o in tiny if not o.startswith("threads=")] + [f"runs_dir={tmp_path}"]  # keep pytest's threads
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
@@ -214,7 +214,7 @@ def test_merge_prefers_ok_records_and_never_overwrites_other_files(tmp_path, cap
     again = records.merge([b], into=dst)
     assert read_all(dst)["k2"]["status"] == "ok" and again["records_replaced"] == 1
     assert "1 clashes" in capsys.readouterr().out
-    cli = subprocess.run([sys.executable, "-m", "lacache.records", "merge", str(a), str(b), "--into", str(dst)],
+    cli = subprocess.run([sys.executable, "-m", "lacache.harness.records", "merge", str(a), str(b), "--into", str(dst)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0 and "3 records kept" in cli.stdout, cli.stderr[-2000:]
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama
+from test_harness import run_cli
 
 from lacache.baselines.full import FullCachePolicy
 from lacache.baselines.streamingllm import StreamingLLMPolicy
 from lacache.ladder_cache import LaCachePolicy
-from conftest import tiny_llama
 from lacache.tasks import generation as gen
 from lacache.tasks import longbench_data as lb
 from lacache.tasks import ruler_data
@@ -18,7 +19,6 @@ from lacache.tasks.base import RunContext, TaskConfigError
 from lacache.tasks.longbench import LongBenchTask
 from lacache.tasks.niah import NEEDLE, QUESTION, NeedleTask, recovered
 from lacache.tasks.ruler import RulerTask
-from test_harness import run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "longbench"
 

@@ -1,8 +1,8 @@
-"""The CUDA tests of lacache.chunk_graphs against a deliberately broken replay (the new chunk's inputs not copied
+"""The CUDA tests of lacache.decode.chunk_graphs against a deliberately broken replay (the new chunk's inputs not copied
 in): they must fail. Usage, from the repository root on a GPU machine: python docs/data/gpu_h200_chunk_graphs/broken_replay.py"""
 import sys
 import pytest
-import lacache.chunk_graphs as cg
+import lacache.decode.chunk_graphs as cg
 
 def replay(self, tensors):
     self.graph.replay()

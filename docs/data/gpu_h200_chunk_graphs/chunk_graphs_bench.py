@@ -1,5 +1,5 @@
 """Chunked prefill at 32K on the 8B shape, budget 4096, with and without the middle layers' CUDA graphs
-(lacache.chunk_graphs): prefill tokens/s against the one-pass prefill, rounds in one process; then
+(lacache.decode.chunk_graphs): prefill tokens/s against the one-pass prefill, rounds in one process; then
 the graphed and the eager 512-token prefill compared bit for bit (first token's logits and every cache
 slot). Usage: python chunk_graphs_bench.py [--context 32768] [--rounds 2]"""
 import argparse
@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from lacache import bench
+from lacache.harness import bench
 from lacache.compat import cache_kwarg
-from lacache.chunk_graphs import ChunkGraphs
+from lacache.decode.chunk_graphs import ChunkGraphs
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--context", type=int, default=32768)

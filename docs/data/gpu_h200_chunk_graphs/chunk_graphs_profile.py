@@ -8,8 +8,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lacache import bench
-from lacache.chunk_graphs import ChunkGraphs
+from lacache.harness import bench
+from lacache.decode.chunk_graphs import ChunkGraphs
 from lacache.compat import cache_kwarg
 
 args = argparse.Namespace(model="llama3-8b-shape", device="cuda", dtype="bfloat16", attn="sdpa", span=16, overlap=0,

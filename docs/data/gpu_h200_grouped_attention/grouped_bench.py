@@ -1,4 +1,4 @@
-"""Masked grouped-query attention without repeat_kv (lacache.grouped_attention) on the 8B shape, bf16:
+"""Masked grouped-query attention without repeat_kv (lacache.decode.grouped_attention) on the 8B shape, bf16:
 1. one layer's attention for a 512-token chunk over 4,096 held slots: transformers' SDPA path
    (repeat_kv + masked SDPA), lacache's packed path (a mask tensor), lacache's path for the chunk's
    lower-right causal bias, and torch's SDPA called with that bias directly;
@@ -15,10 +15,10 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lacache import bench
-from lacache.chunk_graphs import ChunkGraphs
+from lacache.harness import bench
+from lacache.decode.chunk_graphs import ChunkGraphs
 from lacache.compat import cache_kwarg
-from lacache.grouped_attention import grouped_attention, grouped_sdpa_attention
+from lacache.decode.grouped_attention import grouped_attention, grouped_sdpa_attention
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--context", type=int, default=32768)

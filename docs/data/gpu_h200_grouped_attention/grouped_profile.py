@@ -1,6 +1,6 @@
 """Where a 512-token chunk's time goes at 32K, budget 4096, on the 8B shape: per steady-state chunk, the
 host's time to enqueue it and the GPU's time to run it (CUDA events), eager and graphed, against the
-one-pass prefill; then the top kernels of 8 graphed chunks; every chunk through lacache.grouped_attention, as on the
+one-pass prefill; then the top kernels of 8 graphed chunks; every chunk through lacache.decode.grouped_attention, as on the
 fast paths. Usage: python grouped_profile.py"""
 import argparse
 import statistics
@@ -9,10 +9,10 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from lacache import bench
-from lacache.chunk_graphs import ChunkGraphs
+from lacache.harness import bench
+from lacache.decode.chunk_graphs import ChunkGraphs
 from lacache.compat import cache_kwarg
-from lacache.grouped_attention import grouped_attention
+from lacache.decode.grouped_attention import grouped_attention
 
 args = argparse.Namespace(model="llama3-8b-shape", device="cuda", dtype="bfloat16", attn="sdpa", span=16, overlap=0,
                           compact_every=1, prefill="chunked", chunk=512)

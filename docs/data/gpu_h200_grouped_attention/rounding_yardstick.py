@@ -1,15 +1,15 @@
 """How large is 'up to rounding' on the 8B shape (random weights, bf16, 32K prompt)? With the full cache
 every chunking computes the same thing, so transformers' own 512- against 2048-token chunked prefill
 differ by rounding alone: the yardstick. Against it: the same 512-token prefill through
-lacache.grouped_attention. Last position's logits; largest difference and argmax.
+lacache.decode.grouped_attention. Last position's logits; largest difference and argmax.
 Usage: python rounding_yardstick.py"""
 import argparse
 
 import torch
 
-from lacache import bench
+from lacache.harness import bench
 from lacache.compat import cache_kwarg
-from lacache.grouped_attention import grouped_attention
+from lacache.decode.grouped_attention import grouped_attention
 
 args = argparse.Namespace(model="llama3-8b-shape", device="cuda", dtype="bfloat16", attn="sdpa", span=16, overlap=0,
                           compact_every=1, prefill="chunked", chunk=512)

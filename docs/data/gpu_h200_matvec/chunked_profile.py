@@ -2,7 +2,7 @@
 import argparse, time
 import torch
 from torch.profiler import ProfilerActivity, profile
-from lacache import bench
+from lacache.harness import bench
 
 args = argparse.Namespace(model="llama3-8b-shape", device="cuda", dtype="bfloat16", attn="sdpa", span=16, overlap=0,
                           compact_every=1, prefill="chunked", chunk=512)

@@ -1,7 +1,7 @@
 """Where a chunked prefill waits on the GPU: sync points (torch sync debug mode) and timings."""
 import argparse, collections, time, traceback, warnings
 import torch
-from lacache import bench
+from lacache.harness import bench
 
 args = argparse.Namespace(model="llama3-8b-shape", device="cuda", dtype="bfloat16", attn="sdpa", span=16, overlap=0,
                           compact_every=1, prefill="chunked", chunk=512)

@@ -1,4 +1,4 @@
-"""The ring attention's split kernel on one GPU: lacache.triton_decode's (one 128-slot tile per program)
+"""The ring attention's split kernel on one GPU: lacache.decode.triton_kernels's (one 128-slot tile per program)
 against a variant that walks its slots in sub-blocks with an online softmax (fewer registers, loads
 pipelined), at the Llama-3-8B shape's ring capacities (LaCache 4096: 4,224 slots; full cache at 8K:
 8,320; at 32K: 32,896). Each timing replays a CUDA graph of 32 layers' attention (32 different
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lacache import triton_decode as td
+from lacache.decode import triton_kernels as td
 
 
 @triton.jit

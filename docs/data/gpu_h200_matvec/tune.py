@@ -1,5 +1,5 @@
 """Batch-1 products of the Llama-3-8B shape on one GPU: cuBLAS (with the elementwise kernel each
-Triton prologue replaces) against lacache.triton_decode.matvec over a grid of configs.
+Triton prologue replaces) against lacache.decode.triton_kernels.matvec over a grid of configs.
 
 Each timing replays a CUDA graph of 8 back-to-back products on 8 different weight copies (more than
 L2 holds), as in a decode step. Prints one line per (shape, variant) and, last, the best config per
@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from lacache import triton_decode as td
-from lacache.fast_decode import _add_rms_norm, _silu_mul_split
+from lacache.decode import triton_kernels as td
+from lacache.decode.kernels import add_rms_norm, silu_mul_split
 
 HIDDEN, INTER, LAYERS = 4096, 14336, 8
 SHAPES = {  # name: (N, K, prologue)
@@ -47,8 +47,8 @@ def timed(fn, replays=20):
 
 def main():
     results, best = [], {}
-    compiled_norm = torch.compile(_add_rms_norm, fullgraph=True, dynamic=False)
-    compiled_silu = torch.compile(_silu_mul_split, fullgraph=True, dynamic=False)
+    compiled_norm = torch.compile(add_rms_norm, fullgraph=True, dynamic=False)
+    compiled_silu = torch.compile(silu_mul_split, fullgraph=True, dynamic=False)
     for name, (n, k, prologue) in SHAPES.items():
         weights = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(LAYERS)]
         width = 2 * k if prologue == td.SILU else k
@@ -72,9 +72,9 @@ def main():
             results.append({"shape": name, "variant": label, "us": us})
         # reference for correctness of the chosen config
         if prologue == td.NORM:
-            v, _ = _add_rms_norm(x, residual, norm_w, 1e-5)
+            v, _ = add_rms_norm(x, residual, norm_w, 1e-5)
         elif prologue == td.SILU:
-            v = _silu_mul_split(x)
+            v = silu_mul_split(x)
         else:
             v = x
         want = torch.nn.functional.linear(v, weights[0]).float()

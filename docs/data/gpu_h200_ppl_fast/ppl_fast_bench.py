@@ -1,5 +1,5 @@
 """task=ppl token by token on the 8B shape (random weights, bf16): tokens/s of the exact stream (the
-model's forward per token) against cache.decode=fast and triton (lacache.fast_decode, teacher-forced),
+model's forward per token) against cache.decode=fast and triton (lacache.decode.fast, teacher-forced),
 LaCache and StreamingLLM at budget 1024; the perplexity of the first windows compared between paths.
 Usage: python ppl_fast_bench.py [--exact-tokens 513] [--fast-tokens 2048]"""
 import argparse
@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from lacache import bench
+from lacache.harness import bench
 from lacache.tasks.base import RunContext
 from lacache.tasks.ppl import PerplexityTask
 

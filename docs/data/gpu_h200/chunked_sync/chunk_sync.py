@@ -2,7 +2,8 @@
 import os
 import sys
 
-from lacache import bench, kvcache
+from lacache import kvcache
+from lacache.harness import bench
 
 original = kvcache.RotaryTable.unrotate_at
 

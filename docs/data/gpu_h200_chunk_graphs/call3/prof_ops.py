@@ -1,7 +1,7 @@
 """Steady 512-token chunks (LaCache 4096, 16K prompt) against a 4096-token one-pass forward: aten ops by self CUDA time, with shapes (call 3)."""
 import argparse, torch
 from torch.profiler import ProfilerActivity, profile
-from lacache import bench
+from lacache.harness import bench
 from lacache.compat import cache_kwarg
 args = argparse.Namespace(model="llama3-8b-shape", device="cuda", dtype="bfloat16", attn="sdpa", span=16, overlap=0, compact_every=1, prefill="chunked", chunk=512)
 model = bench.load_model(args)

@@ -1,7 +1,7 @@
 """Draw which original token positions each layer holds (the ladder) as a PNG.
 
-    python -m lacache.ladder_plot --layers 30 --span 16 --overlap 0 --budget 256 --sink 4 --tokens 2048 --out ladder.png
-    python -m lacache.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --tokens 600 --layout bands --out bands.png
+    python -m lacache.report.ladder_plot --layers 30 --span 16 --overlap 0 --budget 256 --sink 4 --tokens 2048 --out ladder.png
+    python -m lacache.report.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --tokens 600 --layout bands --out bands.png
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ def draw_ladder(num_layers: int, span: int, overlap: int, budget: int, sink: int
                 layout: str = "reference") -> Path:
     import numpy as np
 
-    from lacache.figures import pyplot, save_figure
+    from lacache.report.figures import pyplot, save_figure
 
     plt = pyplot()
 

@@ -2,7 +2,7 @@
 
 The key is a hash of what identifies a result (model, cache policy, task, seed), not of the output
 folder, so a re-run of a sweep finds finished points, and ``runs/`` folders from several machines
-merge with ``python -m lacache.records merge SRC... --into DST``: equal configs share a file name,
+merge with ``python -m lacache.harness.records merge SRC... --into DST``: equal configs share a file name,
 different ones never clash, and where two folders hold the same config an ``ok`` record wins over a
 ``failed``/``skipped`` one (plain ``cp -r`` would let whichever is copied last win).
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import filecmp
-import hashlib
 import gzip
+import hashlib
 import json
 import os
 import platform
@@ -142,7 +142,7 @@ def read_file(path: Path, named: bool = True) -> dict:
         raise BadRecord(f"{path}: not a lacache record (a JSON object with a `key` and a `status` in {STATUSES})")
     if named and path.name.removesuffix(GZIP).removesuffix(".json") != record["key"]:
         raise BadRecord(f"{path}: holds the record {record['key']!r} under another name "
-                        "(`python -m lacache.records merge` files a record under its key)")
+                        "(`python -m lacache.harness.records merge` files a record under its key)")
     return record
 
 
@@ -250,11 +250,20 @@ def to_frame(recs, status: str | None = "ok"):
 CODE_FOLDERS = ("lacache", "baselines", "tasks")
 
 
+def code_folders(repo: Path) -> list[str]:
+    """The folders whose sources make up the harness: ``CODE_FOLDERS`` and the packages inside ``lacache/``
+    (its links to ``baselines/``, ``tasks/`` and ``configs/`` excluded: they are read once, as themselves)."""
+    inner = repo / "lacache"
+    subpackages = sorted(p.relative_to(repo).as_posix() for p in inner.iterdir()
+                         if p.is_dir() and not p.is_symlink() and (p / "__init__.py").is_file()) if inner.is_dir() else []
+    return [*CODE_FOLDERS, *subpackages]
+
+
 def code_digest(repo: Path) -> str:
     """sha256 (first 16 hex digits) of the harness's Python sources as they are on disk: it names the
     code that ran even where ``git_commit`` cannot (a copy with a stale or missing ``.git``, edits)."""
     digest = hashlib.sha256()
-    for folder in CODE_FOLDERS:
+    for folder in code_folders(repo):
         root = repo / folder
         for path in sorted(root.glob("*.py")) if root.is_dir() else ():
             digest.update(f"{folder}/{path.name}\0".encode() + path.read_bytes() + b"\0")
@@ -263,7 +272,7 @@ def code_digest(repo: Path) -> str:
 
 def environment(repo: Path | None = None) -> dict:
     """What produced a record: code version, packages, machine."""
-    repo = repo or Path(__file__).resolve().parent.parent
+    repo = repo or Path(__file__).resolve().parents[2]
     commit = dirty = None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip() or None
@@ -366,7 +375,7 @@ def _merge_record(path: Path, into: Path, counts: dict, out) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lacache.records", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lacache.harness.records", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     merge_args = sub.add_parser("merge", help="merge runs/ folders from several machines")
     merge_args.add_argument("sources", nargs="+", metavar="SRC", help="runs/ folders to merge")

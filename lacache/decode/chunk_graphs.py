@@ -72,7 +72,7 @@ def graphed_prefill(model: torch.nn.Module, cache, enabled: bool = True):
 
 def _leaves(value, tensors: list, shape: list) -> None:
     """Flatten a layer call's arguments: tensors into ``tensors``, a hashable description into ``shape``."""
-    if isinstance(value, CausalBias):  # a mask given by its lengths (lacache.grouped_attention): nothing to copy
+    if isinstance(value, CausalBias):  # a mask given by its lengths (lacache.decode.grouped_attention): nothing to copy
         shape.append(("causal_bias", str(value.variant), value.seq_len_q, value.seq_len_kv))
     elif isinstance(value, torch.Tensor):
         tensors.append(value)
@@ -188,7 +188,7 @@ class ChunkGraphs:
         if self.disabled:
             raise NotGraphable(self.disabled)
         if hidden.dim() != 3 or hidden.shape[1] < 2:
-            raise NotGraphable("one-token forward")  # decode steps have their own graphs (lacache.fast_decode)
+            raise NotGraphable("one-token forward")  # decode steps have their own graphs (lacache.decode.fast)
         if torch.is_grad_enabled():
             raise NotGraphable("autograd is recording")  # a replay would give outputs without their graph
         if cache.layer_lengths is not None or cache.raw_keys is None or cache.pending is not None:

@@ -33,10 +33,11 @@ from hydra.experimental.callback import Callback
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lacache import models, records
+from lacache import CONFIGS, models
+from lacache.harness import records
+from lacache.harness.tracking import NoLogger
 from lacache.ladder import LadderConfigError
 from lacache.policy import PolicyConfigError
-from lacache.tracking import NoLogger
 from lacache.tasks.base import RunContext, Task, TaskConfigError
 
 CONFIG_ERRORS = (PolicyConfigError, TaskConfigError, LadderConfigError, models.ModelUnavailableError, ValueError, FileNotFoundError)
@@ -274,7 +275,7 @@ def prepare(cfg: DictConfig):
 
 def check_triton_decode(spec: models.ModelSpec, model_config) -> None:
     """``cache.decode=triton`` runs Triton kernels on one GPU over a Llama-family model's own weights."""
-    from lacache.fast_decode import fusable_config
+    from lacache.decode.fused import fusable_config
 
     if spec.device != "cuda" or spec.device_map is not None:
         raise ConfigError(f"cache.decode=triton runs Triton kernels on one GPU: set model.device=cuda (not "
@@ -414,7 +415,7 @@ def explain_overrides(argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
         base = [o.input_line for o in overrides if "." not in o.key_or_group and not o.is_sweep_override()]
         GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent / "configs"), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
             cfg = compose("config", overrides=base)
     except Exception:  # noqa: BLE001 - only a hint on top of Hydra's own message
         return

@@ -8,7 +8,7 @@ them (docs/PERFORMANCE.md). Here a layer is 7:
   it in the decoder: the skip connection's sum and the RMSNorm before q/k/v and gate/up, SiLU(gate)
   x up before down. This replaces cuBLAS's products, their split-K reduce kernels, the two
   RMSNorm kernels and the SiLU kernel.
-* :func:`ring_attention`: the ring attention of :func:`lacache.fast_decode.ring_scores` as
+* :func:`ring_attention`: the ring attention of :func:`lacache.decode.kernels.ring_scores` as
   flash-decoding: one kernel scores a 128-slot split of the ring for every query head of a KV head
   (query rotated at ``n`` for compacted slots, at ``T`` for tail slots), masks free slots, and
   writes that split's softmax numerator, maximum and sum; a second kernel merges the splits.
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lacache.fast_decode import SPLIT  # slots per split program: ring capacities are multiples of it
+from lacache.decode.kernels import SPLIT  # slots per split program: ring capacities are multiples of it
 
 # The split kernel runs 8 warps: on an H200 (8B shape, 4,224 slots) 8.4 us against 9.4 with 4, 2 warps
 # slower still; 64-slot splits 9.1 us plus a slower merge (docs/PERFORMANCE.md).
@@ -101,7 +101,7 @@ def _attention_merge(PART_O, PART_M, PART_L, OUT, splits,
 
 
 def ring_attention(query, keys, values, is_tail, valid, shift_cos, shift_sin, scaling: float) -> torch.Tensor:
-    """:func:`lacache.fast_decode.ring_scores` for a contiguous ``query`` ``[B, H, D]``; ``[B, 1, H * D]`` out."""
+    """:func:`lacache.decode.kernels.ring_scores` for a contiguous ``query`` ``[B, H, D]``; ``[B, 1, H * D]`` out."""
     batch, heads, dim = query.shape
     kv_heads, capacity = keys.shape[1], keys.shape[2]
     if capacity % SPLIT or keys.stride(-1) != 1 or keys.stride() != values.stride() or not query.is_contiguous():

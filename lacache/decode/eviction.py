@@ -1,6 +1,6 @@
 """The fast decode path of the evicting policies (H2O, TOVA) and of the prompt-only ones (SnapKV,
 PyramidKV after the prompt): static shapes, no host syncs, CUDA-graph captured by
-:class:`lacache.fast_decode.GraphDecoder`.
+:class:`lacache.decode.fast.GraphDecoder`.
 
 Why: on the exact path a scored policy recomputes each layer's attention weights from a hooked
 query and evicts through a host-side plan, one Python-driven step at a time (52 ms per token on an
@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lacache.fast_decode import Kernels
+from lacache.compat import text_config
+from lacache.decode.fused import Kernels
 from lacache.kvcache import CompactingCache, EvictionRule, rotate
-from lacache.policy import text_config
 
 SCORES = ("none", "accumulated", "last")
 

@@ -7,11 +7,11 @@ compaction ms/step, peak KV bytes and peak process/GPU memory. Each point is a r
 same defaults as ``run.py``), with ``--budgets``/``--span``/... overriding.
 
 Decode paths: ``eager`` runs the model's forward per token on the exact caches (every policy);
-``graph`` runs :mod:`lacache.fast_decode` (full, StreamingLLM, LaCache; H2O, TOVA, SnapKV, PyramidKV
-through :mod:`lacache.eviction_decode`, whose eviction is part of the step), CUDA-graph captured on
+``graph`` runs :mod:`lacache.decode.fast` (full, StreamingLLM, LaCache; H2O, TOVA, SnapKV, PyramidKV
+through :mod:`lacache.decode.eviction`, whose eviction is part of the step), CUDA-graph captured on
 a GPU; ``fused`` is ``graph`` with fused projections and elementwise chains
-(:class:`lacache.fast_decode.FusedStep`); ``triton`` (CUDA) is ``fused`` with every per-layer step
-a Triton kernel (:mod:`lacache.triton_decode`; tasks: ``cache.decode=triton``); ``hf-static`` (full cache only) is the anchor:
+(:class:`lacache.decode.fused.FusedStep`); ``triton`` (CUDA) is ``fused`` with every per-layer step
+a Triton kernel (:mod:`lacache.decode.triton_kernels`; tasks: ``cache.decode=triton``); ``hf-static`` (full cache only) is the anchor:
 transformers' own ``generate`` with a ``StaticCache`` and its automatic ``torch.compile``, same
 model, prompt and steps. Compaction time: ``eager`` wraps the cache's plan/apply in device syncs (a
 separate pass, so the decode timing stays unsynchronised); ``graph`` times the compaction replays
@@ -21,8 +21,8 @@ The weight-streaming bound is measured in the same process: the bytes of the mod
 the device's copy bandwidth (a large device-to-device copy, bytes read + written); a batch-1 decode
 step reads every weight once, so no decoder beats it. Each row prints its ratio to the bound.
 
-    python -m lacache.bench --model smollm2-135m --contexts 1024 4096 --budgets 256 1024
-    python -m lacache.bench --model llama3-8b-shape --device cuda --dtype bfloat16 --contexts 2048 32768 \\
+    python -m lacache.harness.bench --model smollm2-135m --contexts 1024 4096 --budgets 256 1024
+    python -m lacache.harness.bench --model llama3-8b-shape --device cuda --dtype bfloat16 --contexts 2048 32768 \\
         --policies full streamingllm lacache lacache_reference --decode eager graph --batch 1 8
 """
 
@@ -35,10 +35,11 @@ import time
 
 import torch
 
-from lacache import CONFIGS, records
-from lacache.chunk_graphs import graphed_prefill
-from lacache.grouped_attention import grouped_attention
+from lacache import CONFIGS
 from lacache.compat import cache_kwarg
+from lacache.decode.chunk_graphs import graphed_prefill
+from lacache.decode.grouped_attention import grouped_attention
+from lacache.harness import records
 from lacache.kvcache import CompactingCache
 from lacache.measure import device_peak_bytes, peak_rss_bytes, reset_device_peak, sync
 
@@ -50,14 +51,14 @@ SHAPES = {  # random-weight models: no download needed
 }
 DECODE_PATHS = ("eager", "graph", "fused", "triton", "hf-static")
 GRAPH_POLICIES = ("full", "streamingllm", "lacache")  # the ring path: graph, fused and triton
-EVICTION_POLICIES = ("h2o", "tova", "snapkv", "pyramidkv")  # the eviction path (lacache.eviction_decode): graph only
+EVICTION_POLICIES = ("h2o", "tova", "snapkv", "pyramidkv")  # the eviction path (lacache.decode.eviction): graph only
 
 
 def make_policy(name: str, budget: int, args):
     """The policy of ``configs/cache/<name>.yaml`` with this run's overrides (only keys it has)."""
     from omegaconf import OmegaConf
 
-    from lacache.runner import build
+    from lacache.harness.runner import build
 
     path = CONFIGS / "cache" / f"{name}.yaml"
     if not path.exists():
@@ -115,8 +116,8 @@ class CompactionTimer:
 def prefill(model, policy, prompt, graphs: bool = False, grouped: bool = False):
     """The cache after feeding ``prompt`` in the policy's chunks, the first token, and how many chunks
     replayed graphs (``graphs``: a chunked prefill replays its middle layers' CUDA graphs where it
-    can, :mod:`lacache.chunk_graphs`; ``grouped``: masked forwards attend through
-    :mod:`lacache.grouped_attention`, as the fast paths do)."""
+    can, :mod:`lacache.decode.chunk_graphs`; ``grouped``: masked forwards attend through
+    :mod:`lacache.decode.grouped_attention`, as the fast paths do)."""
     cache = policy.make_cache(model, prompt_length=prompt.shape[1])
     offset = 0
     with grouped_attention(model, enabled=grouped), \
@@ -164,7 +165,7 @@ def measure_eager(model, policy, prompt, steps: int, device) -> dict:
 
 def measure_graph(model, policy, prompt, steps: int, device, fuse: bool = False, triton: bool = False,
                   profile: bool = False) -> dict:
-    from lacache.fast_decode import GraphDecoder
+    from lacache.decode.fast import GraphDecoder
 
     warmup = 8
     cache, token, out = timed_prefill(model, policy, prompt, device, fast=True)
@@ -277,9 +278,9 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     """Every argument checked before anything loads: exit 2 naming the argument, its value and what is allowed
     (policy settings through the policies' own validation, against the model's config)."""
     from lacache import models
+    from lacache.harness.runner import ConfigError
     from lacache.ladder import LadderConfigError
     from lacache.policy import PolicyConfigError
-    from lacache.runner import ConfigError
 
     for name in ("steps", "chunk", "compact_every"):
         if getattr(args, name) < 1:
@@ -408,7 +409,7 @@ def main(argv=None) -> None:
                               f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8}", flush=True)
 
     if args.plot and written:
-        from lacache.figures import bench_vs_context
+        from lacache.report.figures import bench_vs_context
 
         frame = records.load_records(args.runs_dir)
         path = bench_vs_context(frame[frame["key"].isin(written)], args.plot, f"{args.model} on {env['cuda_device'] or env['platform']}")

@@ -96,7 +96,7 @@ def _missing(value) -> bool:
 
 def bench_rows(frame, missing: str = "–", extra: Sequence[str] = ()) -> list[list[str]]:
     """Cells of the bench table (``BENCH_COLUMNS``, then the id columns ``extra``), one row per
-    ``lacache.bench`` record, sorted by context, budget, policy (then ``extra``)."""
+    ``lacache.harness.bench`` record, sorted by context, budget, policy (then ``extra``)."""
     rows = frame[frame["task"] == "bench"].copy()
     rows["budget_sort"] = rows["budget"].fillna(0) if "budget" in rows else 0
     out = []
@@ -124,7 +124,7 @@ def bench_rows(frame, missing: str = "–", extra: Sequence[str] = ()) -> list[l
 
 
 def bench_table(frame) -> str:
-    """Markdown table of ``lacache.bench`` records: speed, compaction share of the step, memory."""
+    """Markdown table of ``lacache.harness.bench`` records: speed, compaction share of the step, memory."""
     lines = ["| " + " | ".join(BENCH_COLUMNS) + " |", "|" + "---|" * len(BENCH_COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in bench_rows(frame)]
     return "\n".join(lines)
@@ -190,7 +190,7 @@ def grid_heatmaps(panels: list[dict], path: str | Path, title: str) -> Path:
 
 
 def bench_vs_context(frame, path: str | Path, title: str) -> Path:
-    """``lacache.bench`` records against context length, one line per policy x budget (x batch/decode
+    """``lacache.harness.bench`` records against context length, one line per policy x budget (x batch/decode
     path where they vary): peak and mean KV-cache MiB, and decode tokens/s."""
     plt = pyplot()
     rows = frame[frame["task"] == "bench"].copy()

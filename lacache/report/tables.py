@@ -13,7 +13,7 @@ figures, plus ``<out>/index.md`` with all of them on one page:
   (depth x context length) per policy.
 * ``ppl``: streaming perplexity, overall (with a CI over windows) and per window, paired differences
   over the windows both runs streamed, and the PPL-vs-tokens figure.
-* ``bench``: ``python -m lacache.bench`` records: the speed/memory table and KV memory and decode
+* ``bench``: ``python -m lacache.harness.bench`` records: the speed/memory table and KV memory and decode
   tokens/s against context length.
 * ``lm_eval``: ``task=lm_eval`` records: per group of runs of the same lm-eval tasks, one table per
   lm-eval task with its metrics and lm-eval's own stderrs (not bootstrapped here).
@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from lacache import figures
-from lacache.records import iter_records, to_frame
+from lacache.harness.records import iter_records, to_frame
+from lacache.report import figures
 
 MISSING = "—"
 RESAMPLES = 2000
@@ -126,7 +126,7 @@ def experiment_of(record: dict) -> str | None:
 
 
 def load(runs: str | Path = "runs"):
-    """Every record (any status) as one DataFrame, like :func:`lacache.records.load_records` plus the
+    """Every record (any status) as one DataFrame, like :func:`lacache.harness.records.load_records` plus the
     columns ``experiment`` (which paper result it belongs to) and, for records that never ran, the ids
     read from their config (so a skipped point still has its policy, budget, task settings)."""
     import pandas as pd
@@ -810,14 +810,14 @@ def bench_section(frame, out: Path) -> Section:
         where = _describe(key, BENCH_GROUP)
         extra = [c for c in ("batch", "decode") if c in group_frame and group_frame[c].nunique(dropna=True) > 0]
         table = Table(f"Speed and memory: {where}", figures.BENCH_COLUMNS + extra, [], label=slug("bench", *key),
-                      caption="python -m lacache.bench: prefill a random prompt, then greedy decode steps; decode "
+                      caption="python -m lacache.harness.bench: prefill a random prompt, then greedy decode steps; decode "
                               "ms/token is a median; — not applicable or not measured.")
         table.rows = [[Cell(text=c) for c in cells] for cells in figures.bench_rows(group_frame, MISSING, extra)]
         blocks.append(table)
         path = f"bench_{slug(*key)}.png"
         figures.bench_vs_context(group_frame, out / path, f"KV memory and decode speed vs context: {where}")
         blocks.append((path, f"bench, {key[0]}"))
-    return Section("bench", TITLES["bench"], "Records of `python -m lacache.bench` (one process, every policy side by "
+    return Section("bench", TITLES["bench"], "Records of `python -m lacache.harness.bench` (one process, every policy side by "
                    "side): KV-cache memory and decode speed against the context length.", blocks)
 
 

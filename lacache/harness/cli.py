@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lacache import runner
+from lacache.harness import runner
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lacache.configs", config_name="config")
