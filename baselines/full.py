@@ -66,6 +66,7 @@ class FullCachePolicy(CachePolicy):
     exact_chunks: ClassVar[bool] = True
     fast_decode: ClassVar[bool] = True
     ring_decode: ClassVar[bool] = True
+    hf_generate: ClassVar[bool] = True
 
     def make_cache(self, model, prompt_length=None) -> FullCache:
         return FullCache(text_config(model.config))

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from lacache.compat import watch
 
 PREFILL_MODES = ("full", "chunked")
-DECODE_MODES = ("exact", "fast", "triton")
+DECODE_MODES = ("exact", "fast", "triton", "hf-generate")
 
 
 class PolicyConfigError(ValueError):
@@ -41,6 +41,9 @@ class CachePolicy:
     ring_decode: ClassVar[bool] = False
     #: False when a stream from an empty cache (``task=ppl``) compresses in a way only the exact path runs.
     fast_stream: ClassVar[bool] = True
+    #: True when the policy is transformers' own cache, so ``decode=hf-generate`` (``model.generate`` over
+    #: left-padded batches, the anchor evaluation scripts use) runs it as it is.
+    hf_generate: ClassVar[bool] = False
 
     budget: int | float | None = None
     budget_of: str = "prompt"
@@ -48,6 +51,7 @@ class CachePolicy:
     prefill_chunk: int = 512
     decode: str = "exact"  # exact: the model's forward on this cache | fast: lacache.decode.fast (CUDA graphs on a GPU)
     #                       | triton: fast, with the fused step's Triton kernels (CUDA, Llama-family models)
+    #                       | hf-generate: transformers' generate, left-padded batches (the full cache only)
 
     def __post_init__(self) -> None:
         if self.prefill not in PREFILL_MODES:
@@ -63,6 +67,11 @@ class CachePolicy:
             raise PolicyConfigError(
                 f"decode=triton is not available for {self.name}; it is for full, streamingllm and lacache "
                 "(the ring layout); use decode=fast"
+            )
+        if self.decode == "hf-generate" and not self.hf_generate:
+            raise PolicyConfigError(
+                f"decode=hf-generate is not available for {self.name}; it runs transformers' own generate with its "
+                "dynamic cache: use cache=full"
             )
         if self.budget_of not in ("prompt", "max_length"):
             raise PolicyConfigError(f"budget_of={self.budget_of!r} is not one of ('prompt', 'max_length')")

@@ -45,6 +45,7 @@ Per sample it records prompt and generated token counts, prefill and decode spee
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -301,6 +302,9 @@ def generate_batch(
     rows = [torch.as_tensor(list(p) if not isinstance(p, torch.Tensor) else p, dtype=torch.long).reshape(-1) for p in prompts]
     if not rows:
         raise ValueError("no prompts")
+    if policy.decode == "hf-generate":
+        return hf_generate(model, tokenizer, rows, max_new_tokens, stop_strings=stop_strings, stop_token_ids=stop_token_ids,
+                           eos_ids=eos_ids, min_new_tokens=min_new_tokens)
     lengths = sorted({len(r) for r in rows})
     if len(lengths) > 1:
         raise ValueError(f"a batch needs prompts of one length (one set of cache positions); got lengths {lengths}")
@@ -392,6 +396,63 @@ def generate_batch(
     ]
 
 
+def hf_generate(model, tokenizer, rows: Sequence[torch.Tensor], max_new_tokens: int, *, stop_strings: Iterable[str] = (),
+                stop_token_ids: Iterable[int] = (), eos_ids: Iterable[int] | None = None,
+                min_new_tokens: int = 0) -> list[Generation]:
+    """``cache.decode=hf-generate``: transformers' own ``model.generate`` (greedy, its default dynamic cache)
+    over the prompts left-padded to one length, as evaluation scripts run a full cache; the anchor that
+    the harness's decoders are measured against. The same stopping rules as :func:`generate_batch`
+    (``generate`` stops each row at the enders and stop strings, and pads it until the batch ends). The
+    whole call is timed as decode (``generate`` gives no prefill time); times are the batch's shared out."""
+    device = input_device(model)
+    eos = set(eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids)
+    stop_tokens = set(stop_token_ids)
+    enders = sorted(eos | stop_tokens)
+    stop_strings = [s for s in stop_strings if s]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (enders[0] if enders else 0)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    config = copy.deepcopy(model.generation_config)  # greedy, and only this call's enders end a row
+    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=enders or None, pad_token_id=pad)
+    options = dict(generation_config=config, max_new_tokens=max_new_tokens)
+    if min_new_tokens:
+        options["min_new_tokens"] = min_new_tokens
+    if stop_strings:
+        options.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    reset_device_peak(device)
+    with torch.inference_mode(), Stopwatch(device) as clock:
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **options)
+    results = []
+    for i, row in enumerate(rows):
+        new = out[i, width:].tolist()
+        reason, text, kept = "length", None, new
+        for j, token in enumerate(new):
+            if token in eos or token in stop_tokens:
+                reason, kept = ("eos" if token in eos else "stop_token"), new[:j]
+                break
+        decoded = tokenizer.decode(kept, skip_special_tokens=True)
+        cut = _find_stop(decoded, stop_strings)
+        if cut is not None:
+            reason, text = "stop_string", decoded[:cut]
+        results.append(Generation(
+            text=decoded if text is None else text,
+            token_ids=kept,
+            prompt_tokens=len(row),
+            generated_tokens=len(kept) + (reason in ("eos", "stop_token")),
+            stop_reason=reason,
+            prefill_s=0.0,
+            decode_s=clock.seconds / len(rows),
+            peak_device_bytes=device_peak_bytes(device),
+            peak_rss_bytes=peak_rss_bytes(),
+            batch_size=len(rows),
+        ))
+    return results
+
+
 @dataclass
 class Request:
     """One prompt of a task and how to answer it (``options``: the keywords of :func:`generate_batch`)."""
@@ -400,9 +461,11 @@ class Request:
     max_new_tokens: int
     options: dict = field(default_factory=dict)
 
-    def batch_key(self) -> str:
-        """Requests with equal keys can share a batch: same prompt length, same settings."""
-        return repr((len(self.prompt_ids), self.max_new_tokens, sorted((k, repr(v)) for k, v in self.options.items())))
+    def batch_key(self, padded: bool = False) -> str:
+        """Requests with equal keys can share a batch: same prompt length, same settings (``padded``: any
+        length, and the context split does not matter: ``decode=hf-generate`` left-pads a full cache)."""
+        options = sorted((k, repr(v)) for k, v in self.options.items() if not (padded and k == "context_tokens"))
+        return repr((None if padded else len(self.prompt_ids), self.max_new_tokens, options))
 
 
 def check_batch_size(batch_size: int) -> int:
@@ -444,14 +507,16 @@ def generate_all(model, tokenizer, policy: CachePolicy, requests: Sequence[Reque
         batches = [[i] for i in range(len(requests))]
     else:
         groups: dict[str, list[int]] = {}
+        padded = policy.decode == "hf-generate"
         for i, request in enumerate(requests):
-            groups.setdefault(request.batch_key(), []).append(i)
+            groups.setdefault(request.batch_key(padded), []).append(i)
         batches = [group[j : j + batch_size] for group in groups.values() for j in range(0, len(group), batch_size)]
     out: list[Generation | None] = [None] * len(requests)
     for batch in batches:
         first = requests[batch[0]]
+        options = {k: v for k, v in first.options.items() if not (k == "context_tokens" and policy.decode == "hf-generate")}
         results = generate_fitting(model, tokenizer, policy, [requests[i].prompt_ids for i in batch],
-                                   first.max_new_tokens, **first.options)
+                                   first.max_new_tokens, **options)
         for i, result in zip(batch, results):
             out[i] = result
         if on_done is not None:
@@ -470,6 +535,7 @@ def summarize(generations: Sequence[Generation], wall_s: float) -> dict:
     decode_s = sum(g.decode_s for g in generations)
     steps = sum(g.decode_steps for g in generations)
     device_peaks = [g.peak_device_bytes for g in generations if g.peak_device_bytes is not None]
+    batches = max(1, round(sum(1 / g.batch_size for g in generations)))  # each generation holds its batch's size
     stats = {
         "wall_s": wall_s,
         "samples": len(generations),
@@ -484,6 +550,9 @@ def summarize(generations: Sequence[Generation], wall_s: float) -> dict:
         "decode_s": decode_s,
         "peak_rss_bytes": max(g.peak_rss_bytes for g in generations),
         "peak_device_bytes": max(device_peaks) if device_peaks else None,
+        "batches": batches,
+        "batch_rows_mean": len(generations) / batches,  # how full the batches were
+        "samples_per_min": 60 * len(generations) / wall_s if wall_s > 0 else None,
     }
     keys = sorted({k for g in generations for k in g.cache_stats})
     for key in keys:

@@ -72,6 +72,9 @@ class PerplexityTask(Task):
             raise TaskConfigError("task.dataset=text_file needs task.path=<a text file>")
 
     def check(self, model_config, policy, max_length) -> None:
+        if policy.decode == "hf-generate":
+            raise TaskConfigError("task=ppl scores a given text token by token; cache.decode=hf-generate generates "
+                                  "answers: use cache.decode=exact, fast or triton")
         if policy.decode != "exact" and not policy.exact_chunks and not type(policy).fast_stream:
             raise TaskConfigError(
                 f"task=ppl streams the text into an empty {policy.name} cache, which compresses the stream in a way "

@@ -8,6 +8,12 @@ RULER's ``prepare.py`` appends it to a model template); ``chat_template=false`` 
 ``input + answer_prefix`` plainly (RULER's 'base' template). ``fill=max`` grows each haystack as large
 as fits; ``fill=nvidia`` uses RULER's own coarse haystack size (500-word essay steps etc., see
 :func:`lacache.tasks.ruler_data.generate`), so e.g. essay niah at 2K holds ~1.45K tokens as in RULER.
+``fill=exact`` is ``max`` with every prompt of a task brought to one token length, that of its longest:
+the shortfall (less than one haystack unit: a word, a sentence, a noise line, a document) is made up
+of newline tokens at the end of the context, before the question. The question, needles and
+references are untouched, so what is scored is the same; the prompts of a task then batch together
+(``batch_size``), which on a GPU is most of the throughput. Under ``compress=context`` the filler
+counts as context, and prompts batch together where their questions have the same length too.
 
 The chat wrapper's tokens count against the haystack, so prompt + ``max_new_tokens`` stays within
 ``context_length`` (RULER's rule, where the model template is part of the generated text); the
@@ -70,6 +76,7 @@ class _CountingWrapper:
 
 
 _DRAWN: dict = {}  # RulerTask.samples of this process: {settings key: (tokenizer, samples)}
+FILL_MODES = (*ruler_data.FILL_MODES, "exact")  # exact: ruler_data's max, then one token length per task (the docstring)
 
 
 @dataclass
@@ -83,15 +90,15 @@ class RulerTask(Task):
     chat_template: bool = True
     allow_long: bool = False
     compress: str = "prompt"  # prompt | context (see the module docstring)
-    fill: str = "max"  # max: haystack as large as fits | nvidia: RULER's coarse haystack size (ruler_data.generate)
+    fill: str = "max"  # max: haystack as large as fits | nvidia: RULER's coarse size | exact: max, one length per task
     batch_size: int = 1  # prompts of equal length decoded together (gen.generate_all)
 
     def __post_init__(self) -> None:
         self.tasks = _task_list(self.tasks)
         gen.check_compress(self.compress)
         self.batch_size = gen.check_batch_size(self.batch_size)
-        if self.fill not in ruler_data.FILL_MODES:
-            raise TaskConfigError(f"task.fill={self.fill!r} is not one of {ruler_data.FILL_MODES}")
+        if self.fill not in FILL_MODES:
+            raise TaskConfigError(f"task.fill={self.fill!r} is not one of {FILL_MODES}")
         if int(self.context_length) != self.context_length or self.context_length < 1:
             raise TaskConfigError(f"task.context_length={self.context_length} must be a positive integer")
         if int(self.num_samples) != self.num_samples or self.num_samples < 1:
@@ -124,14 +131,29 @@ class RulerTask(Task):
             raise TaskConfigError(str(err)) from None
         counter = _CountingWrapper(tokenizer, overhead)
         out = {}
+        fill = "max" if self.fill == "exact" else self.fill
         for task in self.tasks:
             try:
-                drawn = ruler_data.generate(task, counter, self.context_length, self.num_samples, self.seed, self.fill)
+                drawn = ruler_data.generate(task, counter, self.context_length, self.num_samples, self.seed, fill)
             except ValueError as err:
                 raise TaskConfigError(f"RULER {task} at context_length={self.context_length}: {err}") from None
             for sample in drawn:
                 sample.length -= overhead
-            out[task] = [(s, self.prompt_ids(tokenizer, s)) for s in drawn]
+            pairs = [(s, self.prompt_ids(tokenizer, s)) for s in drawn]
+            out[task] = self._one_length(tokenizer, pairs) if self.fill == "exact" else pairs
+        return out
+
+    def _one_length(self, tokenizer, pairs):
+        """``fill=exact``: each prompt brought to the longest one's length by newline tokens inserted where
+        its context's tokens end (the split ``compress=context`` uses), recorded on the sample."""
+        newline = gen.newline_token_id(tokenizer)
+        target = max(len(prompt) for _, prompt in pairs)
+        out = []
+        for sample, prompt in pairs:
+            at = self._context_split(tokenizer, sample, prompt)
+            missing = target - len(prompt)
+            filled = dataclasses.replace(sample, filler=missing, filler_at=at)
+            out.append((filled, prompt[:at] + [newline] * missing + prompt[at:]))
         return out
 
     def prompt_ids(self, tokenizer, sample: ruler_data.RulerSample) -> list[int]:
@@ -141,9 +163,15 @@ class RulerTask(Task):
         return gen.build_prompt(tokenizer, sample.input, False, sample.answer_prefix)
 
     def context_tokens(self, tokenizer, sample: ruler_data.RulerSample, prompt: list[int]) -> int | None:
-        """Under ``compress=context``, the prompt's leading tokens up to the end of RULER's context."""
+        """Under ``compress=context``, the prompt's leading tokens up to the end of RULER's context (the
+        filler of ``fill=exact`` included)."""
         if self.compress == "prompt":
             return None
+        if sample.filler_at is not None:
+            return sample.filler_at + sample.filler
+        return self._context_split(tokenizer, sample, prompt)
+
+    def _context_split(self, tokenizer, sample: ruler_data.RulerSample, prompt: list[int]) -> int:
         head = dataclasses.replace(sample, input=sample.input[: sample.context_end], answer_prefix="")
         return gen.context_split(prompt, self.prompt_ids(tokenizer, head))
 
@@ -169,6 +197,7 @@ class RulerTask(Task):
                 "references": list(sample.outputs),
                 "score": ruler_data.score(task, [out.text], [list(sample.outputs)]) / 100,
                 "length": sample.length,
+                **({"filler_tokens": sample.filler} if self.fill == "exact" else {}),
                 **out.record(),
             })
         for task in drawn:

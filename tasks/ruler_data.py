@@ -187,6 +187,8 @@ class RulerSample:
     max_new_tokens: int  # RULER's tokens_to_generate for the task
     length: int  # tokens of input + answer_prefix (no special tokens, no chat template)
     context_end: int  # input[:context_end] ends with the task's context (compress=context); the rest is the question
+    filler: int = 0  # newline tokens a task inserted at the context's end (RulerTask's fill=exact); not in ``length``
+    filler_at: int | None = None  # the prompt token index where they start: the end of the context's tokens
 
 
 # --------------------------------------------------------------------------

@@ -192,3 +192,68 @@ def test_niah_batched_answers_equal_one_at_a_time(smollm2, tmp_path):
     one, six = ([(s["depth"], s["index"], s["prediction"]) for s in r.samples] for r in runs)
     assert one == six and len(one) == 6
     assert max(s["batch_size"] for s in runs[1].samples) > 1
+
+
+def test_hf_generate_pads_unequal_prompts_and_answers_as_the_harness_does(model):
+    """``cache.decode=hf-generate`` (the throughput anchor): transformers' generate over left-padded batches
+    gives each prompt the tokens the harness's full cache gives it alone; attending to the pads would not."""
+    tok = LetterTokenizer()
+    requests = [gen.Request(p, NEW, {"eos_ids": ()}) for p in prompts(2, 40) + prompts(1, 33)]
+    alone = [gen.generate(model, tok, FullCachePolicy(), r.prompt_ids, NEW, eos_ids=()).token_ids for r in requests]
+    padded = gen.generate_all(model, tok, FullCachePolicy(decode="hf-generate"), requests, batch_size=3)
+    assert len({tuple(t) for t in alone}) == 3
+    assert [g.token_ids for g in padded] == alone
+    assert [g.batch_size for g in padded] == [3, 3, 3] and all(g.generated_tokens == NEW for g in padded)
+    assert [g.prompt_tokens for g in padded] == [40, 40, 33]
+    short = torch.tensor([[0] * 7 + requests[2].prompt_ids])  # the comparison can fail: pads attended
+    with torch.inference_mode():
+        attended = model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=NEW, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)[0, 40:].tolist()
+    assert attended != alone[2]
+
+
+def test_hf_generate_stops_rows_as_the_harness_does(model):
+    tok = LetterTokenizer()
+    free = [gen.generate(model, tok, FullCachePolicy(), p, NEW, eos_ids=()).token_ids for p in prompts()]
+    options = dict(eos_ids={free[1][4]}, min_new_tokens=2)
+    alone = [gen.generate(model, tok, FullCachePolicy(), p, NEW, **options) for p in prompts()]
+    together = gen.generate_batch(model, tok, FullCachePolicy(decode="hf-generate"), prompts(), NEW, **options)
+    fields = lambda g: (g.text, g.token_ids, g.stop_reason, g.generated_tokens)  # noqa: E731
+    assert [fields(g) for g in together] == [fields(g) for g in alone]
+    assert together[1].stop_reason == "eos"
+
+
+def test_hf_generate_is_the_full_caches_alone():
+    from lacache.policy import PolicyConfigError
+
+    for name in ("streamingllm", "lacache", "h2o"):
+        with pytest.raises(PolicyConfigError, match="decode=hf-generate is not available .* use cache=full"):
+            POLICIES[name]("hf-generate")
+
+
+def test_exact_fill_gives_a_task_one_prompt_length_without_touching_what_is_scored(smollm2):
+    from conftest import tiny_llama
+
+    _, tok = smollm2
+    tasks = ["niah_single_1", "qa_1"]
+    kwargs = dict(tasks=tasks, context_length=1024, num_samples=3)
+    plain, exact = RulerTask(**kwargs).samples(tok), RulerTask(**kwargs, fill="exact").samples(tok)
+    context_mode = RulerTask(**kwargs, fill="exact", compress="context")
+    newline = gen.newline_token_id(tok)
+    for task in tasks:
+        lengths = {len(ids) for _, ids in exact[task]}
+        assert lengths == {max(len(ids) for _, ids in plain[task])}
+        assert len({len(ids) for _, ids in plain[task]}) > 1  # fill=max alone leaves them unequal
+        for (before, ids), (after, filled) in zip(plain[task], exact[task]):
+            at, n = after.filler_at, after.filler
+            assert (after.input, after.outputs, after.answer_prefix) == (before.input, before.outputs, before.answer_prefix)
+            assert filled[:at] + filled[at + n:] == ids and filled[at : at + n] == [newline] * n
+            assert at == RulerTask(**kwargs, compress="context").context_tokens(tok, before, ids)  # the context's end
+            assert context_mode.context_tokens(tok, after, filled) == at + n
+    assert sum(s.filler for pairs in exact.values() for s, _ in pairs) > 0
+    with pytest.raises(TaskConfigError, match=r"task.fill='same' is not one of \('max', 'nvidia', 'exact'\)"):
+        RulerTask(tasks=["vt"], fill="same")
+    vocab_model = tiny_llama(layers=2, vocab=len(tok), seed=1)
+    run = RulerTask(**kwargs, fill="exact", batch_size=3).run(context(vocab_model, tok, StreamingLLMPolicy(budget=0.5, sink=4)))
+    assert run.stats["batch_rows_mean"] == 3 and run.stats["batches"] == 2 and run.stats["samples_per_min"] > 0
+    assert [s["filler_tokens"] for s in run.samples] == [s.filler for pairs in exact.values() for s, _ in pairs]

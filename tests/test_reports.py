@@ -338,3 +338,29 @@ def test_ablation_grids_split_by_sink_take_other_sweeps_ladders_and_pair_with_st
     want = 100 * (np.mean(ladders[("ab4", 4, 0, 4)]) - np.mean(base))
     assert f"| S=4 | {want:+.1f} [" in diff
     assert f"| S=16 | {100 * (1 - np.mean(base)):+.1f} [" in diff
+
+
+def test_the_throughput_table_sets_each_row_against_hf_generate_at_its_batch_size(tmp_path):
+    import pandas as pd
+
+    def row(key, policy, decode, batch, rate=None, status="ok", reason=None):
+        return {"key": key, "status": status, "reason": reason, "model": "llama3-8b-shape", "policy": policy,
+                "budget": None if policy == "full" else 0.5, "decode": decode, "batch_size": batch, "task": "ruler",
+                "context_length": 4096, "fill": "exact", "compress": "prompt", "experiment": "throughput",
+                "stats.samples_per_min": rate, "stats.batch_rows_mean": None if rate is None else float(batch),
+                "stats.generated_tokens_mean": None if rate is None else 89.0, "stats.peak_device_bytes": 20 * 2**30}
+
+    frame = pd.DataFrame([
+        row("a", "full", "hf-generate", 8, 100.0), row("b", "full", "hf-generate", 32, 150.0),
+        row("c", "lacache", "fast", 8, 400.0), row("d", "lacache", "triton", 32, 600.0),
+        row("e", "h2o", "triton", 32, status="skipped", reason="decode=triton is not available for h2o; use decode=fast"),
+        row("f", "tova", "fast", 32, status="failed", reason="CUDA out of memory"),
+    ])
+    (table,) = report.throughput_section(frame, tmp_path).tables
+    cells = {(r[0].text.split(" ")[0], r[1].text, r[2].text): [c.markdown() for c in r[3:]] for r in table.rows}
+    assert cells[("lacache", "fast", "8")][:2] == ["400", "4.00"]  # against the anchor at batch 8, not 32
+    assert cells[("lacache", "triton", "32")][:2] == ["600", "4.00"]
+    assert cells[("full", "hf-generate", "32")][:2] == ["150", "1.00"]
+    assert ("h2o", "triton", "32") not in cells  # a path the policy does not have: left out, not "missing"
+    assert cells[("tova", "fast", "32")][0] == "—¹" and table.notes == ["failed: CUDA out of memory"]
+    assert cells[("lacache", "fast", "8")][2:] == ["8.0", "89", "20.0"]

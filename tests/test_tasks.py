@@ -168,7 +168,7 @@ def test_ruler_config_errors():
         task.check(None, FullCachePolicy(), 8192)
     with pytest.warns(UserWarning, match="exceeds"):
         RulerTask(context_length=16384, allow_long=True).check(None, FullCachePolicy(), 8192)
-    with pytest.raises(TaskConfigError, match=r"task.fill='ruler' is not one of \('max', 'nvidia'\)"):
+    with pytest.raises(TaskConfigError, match=r"task.fill='ruler' is not one of \('max', 'nvidia', 'exact'\)"):
         RulerTask(fill="ruler")
     assert RulerTask(fill="nvidia").describe()["fill"] == "nvidia"
 

@@ -230,6 +230,54 @@ def measure_hf_static(model, prompt, steps: int, device) -> dict:
             "prefill_peak_device_bytes": device_peak_bytes(device), "kv_bytes_max": kv, "kv_bytes_decode": kv, "kv_entries_per_layer_max": size}
 
 
+def memory_formula(model, policy, context: int, batch: int, steps: int, chunk: int | None, weights: int,
+                   ring: int = 0) -> dict:
+    """What a long prompt's peak GPU memory should be: the weights, the budget's KV, one chunk's working set.
+
+    ``W + KV + A + R + S + ring + logits`` with ``s`` bytes per element, ``L`` layers, ``h`` hidden size, ``I`` the
+    MLP's width, ``H``/``Hkv`` query/KV heads of size ``d``, ``c`` the prefill chunk (the whole prompt when it is
+    fed in one pass), ``B`` the slots a layer holds once compacted (the budget; the whole sequence for the full
+    cache; PyramidKV's stacked buffers give every layer its longest layer's budget):
+
+    * ``KV = L·b·(B + c)·2·Hkv·d·s``: every layer's keys and values, room for one chunk beside the budget;
+    * ``A = b·c·(4h + (H + 2·Hkv)·d + 3I)·s``: one layer's activations for the chunk (hidden states and norms,
+      q/k/v, gate/up/act);
+    * ``R = 2·b·(B + c)·Hkv·d·s``: one layer's held keys rotated for attention, beside its values;
+    * ``S = 3 · 2^24 · 4``: the attention scores a scored policy (H2O, TOVA, SnapKV, PyramidKV) recomputes, in
+      chunks of 2^24 fp32 logits (logits, mask, softmax);
+    * ``ring``: the fast decode path's buffers (``ring``: their bytes, which the decoder reports): the kept
+      entries are copied into them, so they sit beside the exact cache they were converted from;
+    * ``logits = b·V·4``: the last position's fp32 logits.
+    """
+    from lacache.baselines.attention_scores import SCORE_CHUNK_ELEMENTS
+
+    config = model.config
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = next(model.parameters()).element_size()
+    c = chunk or context
+    if policy.name == "full":
+        slots = context + steps
+    elif policy.name == "pyramidkv":
+        from lacache.baselines.pyramidkv import pyramid_budgets
+
+        budget = policy.resolve_budget(context)
+        slots = max(pyramid_budgets(budget, policy.window, config.num_hidden_layers, context, policy.beta))
+    else:
+        slots = policy.resolve_budget(context)
+    per_slot = 2 * config.num_key_value_heads * dim * size  # one layer's key + value of one token
+    terms = {
+        "weights": weights,
+        "kv": config.num_hidden_layers * batch * (min(slots, context + steps) + (0 if policy.name == "full" else c)) * per_slot,
+        "activations": batch * c * (4 * config.hidden_size + (config.num_attention_heads + 2 * config.num_key_value_heads) * dim
+                                    + 3 * config.intermediate_size) * size,
+        "rotated_keys": batch * (min(slots, context) + c) * per_slot,
+        "scores": 3 * SCORE_CHUNK_ELEMENTS * 4 if policy.name in EVICTION_POLICIES else 0,
+        "ring": ring,
+        "logits": batch * config.vocab_size * 4,
+    }
+    return {"memory_formula_bytes": sum(terms.values()), **{f"memory_formula_{k}_bytes": v for k, v in terms.items()}}
+
+
 def weight_bytes(model) -> int:
     """Bytes of the model's parameters (each tensor once: tied weights count once)."""
     seen = {}
@@ -362,7 +410,8 @@ def main(argv=None) -> None:
           f"= {bound_ms:.2f} ms/token", flush=True)
     written = []
     print(f"{'policy':>18} {'budget':>6} {'context':>7} {'batch':>5} {'decode':>9} {'prefill tok/s':>13} {'ms/token':>9} "
-          f"{'x bound':>7} {'compact ms':>10} {'KV prefill MiB':>14} {'KV decode MiB':>13} {'peak GiB':>8}", flush=True)
+          f"{'x bound':>7} {'compact ms':>10} {'KV prefill MiB':>14} {'KV decode MiB':>13} {'peak GiB':>8} {'x formula':>9}",
+          flush=True)
     for context in args.contexts:
         for batch in args.batch:
             prompt = torch.randint(0, vocab, (batch, context), device=device, generator=torch.Generator(device).manual_seed(0))
@@ -387,6 +436,12 @@ def main(argv=None) -> None:
                                                        triton=path == "triton", profile=args.profile)
                         result["peak_rss_bytes"] = peak_rss_bytes()
                         result["peak_device_bytes"] = device_peak_bytes(device)
+                        if path != "hf-static":
+                            chunk = args.chunk if args.prefill == "chunked" else None
+                            ring = result.get("kv_bytes_decode", 0) if path != "eager" else 0
+                            result.update(memory_formula(model, policy, context, batch, args.steps, chunk, weights, ring))
+                            if result["peak_device_bytes"]:
+                                result["memory_formula_ratio"] = result["peak_device_bytes"] / result["memory_formula_bytes"]
                         result.update(weight_bytes=weights, copy_bytes_per_s=bandwidth, bound_ms_per_token=bound_ms,
                                       bound_ratio=result["decode_ms_per_token"] / bound_ms)
                         ids = {"model": args.model, **policy.describe(), "task": "bench", "context": context, "batch": batch,
@@ -401,12 +456,13 @@ def main(argv=None) -> None:
                                                              "config": vars(args), "metrics": {}, "stats": result, "env": env})
                         written.append(key)
                         compact = result.get("compaction_ms_per_step")
-                        peak = result["peak_device_bytes"]
+                        peak, ratio = result["peak_device_bytes"], result.get("memory_formula_ratio")
                         print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>9} "
                               f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} {result['bound_ratio']:>7.2f} "
                               f"{'-' if compact is None else f'{compact:.3f}':>10} "
                               f"{mib(result.get('kv_bytes_prefill', result.get('kv_bytes_max'))):>14} {mib(result.get('kv_bytes_decode')):>13} "
-                              f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8}", flush=True)
+                              f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8} {'-' if ratio is None else f'{ratio:.3f}':>9}",
+                              flush=True)
 
     if args.plot and written:
         from lacache.report.figures import bench_vs_context

@@ -60,10 +60,10 @@ POLICY_NAMES = {"FullCachePolicy": "full", "StreamingLLMPolicy": "streamingllm",
 TASK_NAMES = {"RulerTask": "ruler", "LongBenchTask": "longbench", "NeedleTask": "niah", "PerplexityTask": "ppl",
               "LmEvalTask": "lm_eval"}
 POLICY_FIELDS = ("budget", "span", "overlap", "sink", "heavy_ratio", "layout")
-RESULTS = ("ruler", "longbench", "ablation", "niah", "ppl", "bench", "lm_eval")
+RESULTS = ("ruler", "longbench", "ablation", "niah", "ppl", "bench", "throughput", "lm_eval")
 TITLES = {"ruler": "RULER", "longbench": "LongBench", "ablation": "LaCache span × overlap ablation",
           "niah": "Needle in a haystack", "ppl": "Streaming perplexity", "bench": "Speed and memory",
-          "lm_eval": "lm-evaluation-harness tasks"}
+          "throughput": "Evaluation throughput", "lm_eval": "lm-evaluation-harness tasks"}
 SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 
@@ -92,13 +92,15 @@ def ids_from_identity(record: dict) -> dict:
     ids: dict[str, Any] = {"model": model.get("name"), "policy": POLICY_NAMES.get(cls, cls.lower().removesuffix("policy") or None)}
     ids.update({k: cache[k] for k in POLICY_FIELDS if k in cache})
     ids.setdefault("budget", None)
+    if cache.get("decode", "exact") != "exact":
+        ids["decode"] = cache["decode"]
     name = TASK_NAMES.get(_class_name(task.get("_target_")), _class_name(task.get("_target_")).lower() or None)
     ids["task"] = name
     if name == "ruler":
         from lacache.tasks.ruler_data import RULER_TASKS
 
         ids.update(context_length=task.get("context_length"), num_samples=task.get("num_samples"),
-                   subtasks=",".join(_names(task.get("tasks"), {"all": RULER_TASKS})))
+                   subtasks=",".join(_names(task.get("tasks"), {"all": RULER_TASKS})), fill=task.get("fill", "max"))
     elif name == "longbench":
         from lacache.tasks.longbench_data import ENGLISH_DATASETS, LONGBENCH_DATASETS
 
@@ -114,6 +116,8 @@ def ids_from_identity(record: dict) -> dict:
         ids.update(tasks=",".join(_names(task.get("tasks"))), limit=task.get("limit"), num_fewshot=task.get("num_fewshot"))
     if name in ("ruler", "longbench", "niah"):
         ids["compress"] = task.get("compress", "prompt")
+    if (task.get("batch_size") or 1) > 1:
+        ids["batch_size"] = task["batch_size"]
     return ids
 
 
@@ -821,6 +825,53 @@ def bench_section(frame, out: Path) -> Section:
                    "side): KV-cache memory and decode speed against the context length.", blocks)
 
 
+THROUGHPUT_GROUP = ("context_length", "fill", "compress")
+ANCHOR = "hf-generate"  # cache.decode of the full cache that runs transformers' own generate
+
+
+def _lacks_decode(row: dict) -> bool:
+    """A sweep point skipped because its policy has no such decode path (the sweep crosses every policy with
+    every path): not a result that is missing, so the table leaves it out."""
+    return row.get("status") == "skipped" and " is not available for " in str(row.get("reason"))
+
+
+def throughput_section(frame, out: Path) -> Section:
+    """Per model and context length: samples per minute of a whole evaluation (prefill, decode, scoring),
+    every policy, decode path and batch size, beside transformers' ``generate`` on the same prompts."""
+    blocks: list = []
+    runs = [r for r in _rows(frame, "throughput") if not _lacks_decode(r)]
+    for key, rows in _groups(runs, THROUGHPUT_GROUP):
+        anchors = {_value(r.get("batch_size")) or 1: _value(r.get("stats.samples_per_min")) for r in rows
+                   if r.get("decode") == ANCHOR and r.get("status") == "ok"}
+        header = ["policy", "decode", "batch", "samples/min", f"× {ANCHOR}", "rows/batch", "new tokens/sample",
+                  "peak GPU GiB"]
+        table = Table(f"Throughput: {_describe(key, THROUGHPUT_GROUP)}", header, [], label=slug("throughput", *key),
+                      caption=f"A whole RULER evaluation per row (prompts drawn once, then prefill, decode and scoring), "
+                              f"samples per minute of wall time; × {ANCHOR}: against transformers' generate with its "
+                              "dynamic cache over the same prompts at the same batch size; — not run.")
+        ordered = sorted(rows, key=lambda r: (_sort_key(r)[:2], str(r.get("decode")), _value(r.get("batch_size")) or 1))
+        for row in ordered:
+            batch = _value(row.get("batch_size")) or 1
+            note = status_note(row)
+            if note is not None:
+                table.rows.append([Cell(text=label(row)), Cell(text=str(row.get("decode") or "exact")), Cell(text=str(batch))]
+                                  + [Cell(note=table.note(note))] + [Cell(text=MISSING)] * 4)
+                continue
+            rate, anchor = _value(row.get("stats.samples_per_min")), anchors.get(batch)
+            peak = _value(row.get("stats.peak_device_bytes"))
+            cells = [label(row), str(row.get("decode") or "exact"), str(batch),
+                     MISSING if rate is None else f"{rate:.0f}",
+                     MISSING if rate is None or not anchor else f"{rate / anchor:.2f}",
+                     MISSING if _value(row.get("stats.batch_rows_mean")) is None else f"{row['stats.batch_rows_mean']:.1f}",
+                     f"{row['stats.generated_tokens_mean']:.0f}",
+                     MISSING if peak is None else f"{peak / 2**30:.1f}"]
+            table.rows.append([Cell(text=c) for c in cells])
+        blocks.append(table)
+    return Section("throughput", TITLES["throughput"], "Runs of `+experiment=throughput_ruler`: how many RULER samples "
+                   "a whole evaluation gets through per minute, for each policy, decode path and batch size, in one "
+                   "process with transformers' own `generate` as the anchor.", blocks)
+
+
 LM_EVAL_GROUP = ("tasks", "limit", "num_fewshot")
 LM_EVAL_PREFIX = "metrics.lm_eval/"
 
@@ -868,7 +919,8 @@ def lm_eval_section(frame, out: Path) -> Section:
 
 
 BUILDERS = {"ruler": ruler_section, "longbench": longbench_section, "ablation": ablation_section,
-            "niah": niah_section, "ppl": ppl_section, "bench": bench_section, "lm_eval": lm_eval_section}
+            "niah": niah_section, "ppl": ppl_section, "bench": bench_section, "throughput": throughput_section,
+            "lm_eval": lm_eval_section}
 
 
 def build(frame, out: str | Path) -> list[Section]:
