@@ -56,9 +56,9 @@ bench: setup ## speed and memory of every policy and decode path side by side on
 ladder: setup ## draw the ladder (kept positions per layer) to reports/ladder.png
 	$(PY) -m lacache.report.ladder_plot --layers 30 --span 8 --overlap 4 --budget 128 --sink 4 --tokens 600 --out reports/ladder.png
 
-paper-table: setup ## paper tables (Markdown + LaTeX, 95% bootstrap CIs) and figures from runs/ into reports/, and docs/RESULTS.md's generated tables from docs/data/
+paper-table: setup ## paper tables (Markdown + LaTeX, 95% bootstrap CIs) and figures from runs/ into reports/, and the generated tables of docs/*.md from docs/data/
 	$(PY) -m lacache.report --runs runs --out reports
-	$(PY) -m lacache.report --splice docs/RESULTS.md
+	@for doc in $$(grep -l '^<!-- lacache.report ' docs/*.md); do $(PY) -m lacache.report --splice $$doc; done
 
 SMOKE_RUNS ?= runs/smoke
 SMOKE_OUT  ?= reports/smoke

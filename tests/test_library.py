@@ -1,6 +1,6 @@
 """lacache as a library: the public names, model.generate with every policy's cache (same tokens as
-the harness's loop; padded batches and second turns refused or continued correctly), the README's
-library example, and the wheel (installed without -e, its `lacache` command on a tiny ppl job)."""
+the harness's loop; padded batches and second turns refused or continued correctly), the library
+examples of the README and docs/USAGE.md, and the wheel (installed without -e, its `lacache` command on a tiny ppl job)."""
 
 import os
 import re
@@ -150,20 +150,34 @@ def test_api_generate_compresses_the_context_or_the_prompt(model):
         lacache.generate(model, LetterTokenizer(), policy("full"), context, question, compress="question")
 
 
-def readme_library_example() -> str:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Library\n", 1)[1].split("\n## ", 1)[0]
+def python_block(document: str, heading: str) -> str:
+    """The first ```python block under the Markdown heading line ``heading`` of ``document``."""
+    section = (ROOT / document).read_text().split(f"\n{heading}\n", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.mark.slow
-def test_readme_library_example_runs_and_matches_the_harness():
+def test_usage_library_example_runs_and_matches_the_harness():
     scope: dict = {}
-    exec(compile(readme_library_example(), "README.md", "exec"), scope)
+    exec(compile(python_block("docs/USAGE.md", "## Library"), "docs/USAGE.md", "exec"), scope)
     answer, generated, looped = scope["answer"], scope["generated"], scope["looped"]
     assert answer.token_ids and generated[: len(answer.token_ids)] == answer.token_ids
     assert looped == generated[: len(looped)]
     assert scope["ids"].shape[1] > 600 and scope["cache"].get_seq_length() <= scope["policy"].budget  # it compressed
+
+
+@pytest.mark.slow
+def test_readme_library_example_generates_the_harness_answer():
+    from lacache.assets import essays_text
+
+    scope: dict = {}
+    exec(compile(python_block("README.md", "### As a library"), "README.md", "exec"), scope)
+    ids, cache, policy = scope["ids"], scope["cache"], scope["policy"]
+    assert ids.shape[1] > 600 and cache.get_seq_length() <= policy.budget  # it compressed
+    answer = lacache.generate(scope["model"], scope["tokenizer"], policy, essays_text()[:3000],
+                              "\n\nIn short, the essay argues that", max_new_tokens=24, chat_template=False)
+    generated = scope["out"][0, ids.shape[1]:].tolist()
+    assert answer.token_ids and generated[: len(answer.token_ids)] == answer.token_ids
 
 
 def test_wheel_installs_only_lacache_and_its_command_runs(tiny_model_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Records and sweeps that never lose, hide or fake a result (issue 12): damaged and foreign record
+"""Records and sweeps that never lose, hide or fake a result: damaged and foreign record
 files, failed re-runs of finished points, type-checked settings, checks before the model loads,
 merges, reports, sweep workers and bench arguments. Tiny random-weight models or none."""
 
