@@ -238,17 +238,34 @@ class SlidingWindow:
                 cos, sin = cos[0].float(), sin[0].float()
                 self.turns = (cos[0], sin[0], cos[1], sin[1])
 
+    @staticmethod
+    def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = x`` rotated by one angle (rotate-half convention), three kernels and no temporaries."""
+        half = x.shape[-1] // 2
+        torch.mul(x, cos, out=out)
+        out[..., :half].addcmul_(x[..., half:], sin[:half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[half:])
+        return out
+
     def append(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Attend the held tokens and the new ones (keys read at ``j - shift``); keep the newest ``window - 1``."""
         held_keys, held_values = self.keys.get(layer), self.values.get(layer)
-        stored = key_states if not self.shift else rotate(key_states, *self.turns[:2]).to(key_states.dtype)
+        if self.shift:  # stored at original positions: the model rotated the new keys at j - shift
+            stored = self.turn(key_states, *self.turns[:2], out=torch.empty_like(key_states))
+        else:
+            stored = key_states
         if held_keys is None:
             keys, values, stored_all = key_states, value_states, stored
         else:
-            read = held_keys if not self.shift else rotate(held_keys, *self.turns[2:]).to(held_keys.dtype)
-            keys = torch.cat([read, key_states], dim=-2)
+            stored_all = torch.cat([held_keys, stored], dim=-2)
             values = torch.cat([held_values, value_states], dim=-2)
-            stored_all = keys if not self.shift else torch.cat([held_keys, stored], dim=-2)
+            if self.shift:  # the held keys read at j - shift, the new ones as the model gave them
+                n = held_keys.shape[-2]
+                keys = torch.empty_like(stored_all)
+                self.turn(held_keys, *self.turns[2:], out=keys[:, :, :n])
+                keys[:, :, n:] = key_states
+            else:
+                keys = stored_all
         n, q = values.shape[-2], key_states.shape[-2]
         start = max(0, n - (self.window - 1))
         keep = (lambda t: t[:, :, start:].clone()) if q > 1 else (lambda t: t[:, :, start:])  # a prefill's bulk is freed
@@ -260,7 +277,7 @@ class SlidingWindow:
         held = self.keys.get(layer)
         if held is None or not self.shift:
             return held
-        return rotate(held, *self.turns[2:]).to(held.dtype)
+        return self.turn(held, *self.turns[2:], out=torch.empty_like(held))
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
