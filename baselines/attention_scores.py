@@ -10,8 +10,10 @@ The query comes from hooks that never change an output, installed once per atten
 at least one scored cache is alive (removed with the last one): a forward pre-hook notes which
 cache serves the running forward and the rotary cos/sin the model passes, and a forward hook on
 ``q_proj`` (``q_norm`` where the model has one) hands the un-rotated query to that cache only.
-Assumes Llama-style attention: causal softmax of ``q.k * scaling``, no logit soft-capping or
-sliding window, no padding inside a batch.
+Assumes Llama-style attention in the layers the policy compresses: causal softmax of ``q.k * scaling``,
+no logit soft-capping (Gemma 3 has none: its config's ``attn_logit_softcapping`` is not applied by the
+model), no padding inside a batch. On a hybrid model
+(Gemma 3) only the global layers are scored and hooked; the sliding-window layers keep their window.
 """
 
 from __future__ import annotations
@@ -85,15 +87,19 @@ class QueryTap:
     def _query(self, module, args, output):
         cache = self.cache() if self.cache is not None else None
         if cache is not None:
+            given = args[0]
+            if given.dim() == 4 and given.stride(1) < given.stride(2):  # q_norm after the heads transpose (Gemma 3)
+                output = output.transpose(1, 2)  # [B, T, heads, D], as the other models' queries
             cache.captured[self.layer] = (output, self.rotary)
 
     def _leave(self, module, args, output):
         self.cache = self.rotary = None
 
 
-def _attach(model) -> list[QueryTap]:
+def _attach(model, layers) -> list[QueryTap]:
     taps = []
-    for attention in attention_modules(model):
+    modules = attention_modules(model)
+    for attention in (modules[layer] for layer in layers):
         tap = getattr(attention, "lacache_query_tap", None)
         if tap is None:
             tap = attention.lacache_query_tap = QueryTap(attention)
@@ -125,10 +131,10 @@ class ScoredCache(CompactingCache):
 
     def __init__(self, model, capacity: int):
         super().__init__(model, capacity)
-        attention = attention_modules(model)[0]
+        attention = attention_modules(model)[self.global_layers[0]]
         self.scaling, self.head_dim = attention.scaling, attention.head_dim
-        self.captured: list = [None] * self.num_layers
-        weakref.finalize(self, _release, _attach(model))
+        self.captured: list = [None] * self.model_layers  # by model layer (the taps know theirs)
+        weakref.finalize(self, _release, _attach(model, self.global_layers))
 
     def query_count(self, count: int) -> int:
         """How many of the ``count`` queries of this forward :meth:`observe` needs (the newest ones)."""
@@ -142,7 +148,8 @@ class ScoredCache(CompactingCache):
 
     def take_query(self, layer: int, count: int, newest: int) -> torch.Tensor:
         """The ``newest`` queries of this forward in ``layer``, rotated as attention uses them: fp32 ``[B, Hq, newest, D]``."""
-        captured, self.captured[layer] = self.captured[layer], None
+        model_layer = self.global_layers[layer]
+        captured, self.captured[model_layer] = self.captured[model_layer], None
         if captured is None or captured[1] is None or captured[0].shape[1] != count:
             raise RuntimeError(
                 f"layer {layer}: no query was captured for this forward; scored cache policies need the model to call "

@@ -7,33 +7,45 @@ from typing import ClassVar
 
 from transformers.cache_utils import DynamicCache
 
-from lacache.compat import text_config
+from lacache.compat import compressed_layers, sliding_layers, text_config
 from lacache.policy import CachePolicy
 
 
 class FullCache(DynamicCache):
-    """``DynamicCache`` that also reports what it held, like every policy's cache."""
+    """``DynamicCache`` that also reports what it held, like every policy's cache. On a hybrid model
+    (Gemma 3) transformers keeps the sliding-window layers' window itself; entries are counted in the
+    global layers, bytes over all layers."""
 
     def __init__(self, config):
         super().__init__(config=config)
+        self.sliding = sliding_layers(config) or [False] * len(self.layers)
+        self.last_global = compressed_layers(config)[-1]
+        self.held = 0
         self.peak_slots = 0
         self.slot_steps = 0
         self.forwards = 0
         self.bytes_prefill = self.bytes_decode = 0
+        self.window_bytes_sum = self.window_bytes_max = 0
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self.last_global:
+            self.held = keys.shape[-2]
         if layer_idx == len(self.layers) - 1:
-            n = keys.shape[-2]
+            n = self.held
             self.peak_slots = max(self.peak_slots, n)
             self.slot_steps += n
             self.forwards += 1
             self._bytes_per_slot = sum(
                 layer.keys[..., :1, :].numel() * layer.keys.element_size()
                 + layer.values[..., :1, :].numel() * layer.values.element_size()
-                for layer in self.layers
+                for layer, sliding in zip(self.layers, self.sliding) if not sliding
             )
-            held = n * self._bytes_per_slot
+            window = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                         for layer, sliding in zip(self.layers, self.sliding) if sliding)
+            self.window_bytes_sum += window
+            self.window_bytes_max = max(self.window_bytes_max, window)
+            held = n * self._bytes_per_slot + window
             if key_states.shape[-2] > 1:
                 self.bytes_prefill = max(self.bytes_prefill, held)
             else:
@@ -41,20 +53,22 @@ class FullCache(DynamicCache):
         return keys, values
 
     def entries_per_layer(self) -> list[int]:
-        return [layer.get_seq_length() for layer in self.layers]
+        return [layer.get_seq_length() for layer, sliding in zip(self.layers, self.sliding) if not sliding]
 
     def stats(self) -> dict:
         per_slot = getattr(self, "_bytes_per_slot", 0)
         mean = self.slot_steps / self.forwards if self.forwards else 0.0
+        window_mean = self.window_bytes_sum / self.forwards if self.forwards else 0.0
+        peak = self.peak_slots * per_slot + self.window_bytes_max
         return {
             "kv_entries_per_layer_mean": mean,
             "kv_entries_per_layer_max": self.peak_slots,
-            "kv_bytes_mean": mean * per_slot,
-            "kv_bytes_max": self.peak_slots * per_slot,
-            "kv_bytes_allocated": self.peak_slots * per_slot,
+            "kv_bytes_mean": mean * per_slot + window_mean,
+            "kv_bytes_max": peak,
+            "kv_bytes_allocated": peak,
             "kv_bytes_prefill": self.bytes_prefill,
             "kv_bytes_decode": self.bytes_decode,
-            "kv_bytes_peak": self.peak_slots * per_slot,
+            "kv_bytes_peak": peak,
         }
 
 

@@ -16,10 +16,11 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from lacache.compat import text_config
+from lacache.compat import sliding_layers, text_config
 from lacache.kvcache import RotaryTable, rotary_embedding_of
 from lacache.ladder import Ladder, LadderState
 from lacache.ladder_cache import LaCachePolicy
+from lacache.policy import PolicyConfigError
 
 
 class ReferenceLadderCache(Cache):
@@ -100,6 +101,15 @@ class ReferenceLaCachePolicy(LaCachePolicy):
         if self.compact_every != 1:
             raise ValueError(f"lacache_reference compacts after every forward, as the reference does (compact_every={self.compact_every})")
 
+    def check(self, model_config) -> None:
+        super().check(model_config)
+        if sliding_layers(model_config) is not None:
+            raise PolicyConfigError(
+                "lacache_reference re-enacts the reference code's costs on a model whose layers are all global; this "
+                "model has sliding-window layers (Gemma 2/3): use cache=lacache, whose ladder spans its global layers"
+            )
+
     def make_cache(self, model, prompt_length: int | None = None) -> ReferenceLadderCache:
+        self.check(model.config)
         fast = super().make_cache(model, prompt_length)  # validated budget, sink and ladder
         return ReferenceLadderCache(model, fast.ladder, fast.state.budget, fast.state.sink)

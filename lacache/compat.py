@@ -117,3 +117,25 @@ def guard_inputs(model, args: tuple, kwargs: dict):
 def text_config(config):
     """The language model's config of a (possibly multimodal) model config."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+SLIDING, GLOBAL = "sliding_attention", "full_attention"
+
+
+def sliding_layers(config) -> list[bool] | None:
+    """Which decoder layers attend through a sliding window, for a model that interleaves them with global
+    layers (Gemma 2/3: ``config.layer_types``); ``None`` for every other model (all layers global)."""
+    types = getattr(text_config(config), "layer_types", None)
+    if not types or SLIDING not in types or GLOBAL not in types:
+        return None
+    unknown = sorted(set(types) - {SLIDING, GLOBAL})
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported; a cache policy knows {SLIDING!r} and {GLOBAL!r} layers")
+    return [kind == SLIDING for kind in types]
+
+
+def compressed_layers(config) -> list[int]:
+    """The decoder layers a cache policy compresses: the global layers of a hybrid model, else every layer."""
+    sliding = sliding_layers(config)
+    layers = text_config(config).num_hidden_layers
+    return list(range(layers)) if sliding is None else [i for i in range(layers) if not sliding[i]]

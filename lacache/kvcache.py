@@ -33,6 +33,8 @@ from typing import Callable, ClassVar, Sequence
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lacache.compat import GLOBAL, compressed_layers, sliding_layers, text_config
+
 
 @dataclass
 class Plan:
@@ -98,12 +100,15 @@ class RotaryTable:
     precision of the stock attention (which rotates in the model's dtype) and halves the traffic.
     The model's tables carry its ``attention_scaling`` factor ``s`` (YaRN, LongRoPE: ``s != 1``),
     so a rotated key is ``s * R(p) k``; un-rotation divides by ``s**2`` (``ucos32``/``usin32``)
-    so that re-rotating a raw key gives exactly what the model would have produced.
+    so that re-rotating a raw key gives exactly what the model would have produced. ``layer_type``:
+    the layers' type on a hybrid model, whose rotary embedding has one base per type (Gemma 3:
+    ``full_attention`` 1M, ``sliding_attention`` 10K).
     """
 
-    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    def __init__(self, rotary_emb: torch.nn.Module, device: torch.device, dtype: torch.dtype, layer_type: str | None = None):
         self.rotary_emb, self.device, self.dtype = rotary_emb, device, dtype
-        self.scale = float(getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
+        self.layer_type = layer_type  # a hybrid model's rotary takes the layer type (one base per type)
+        self.scale = rotary_scale(rotary_emb, layer_type)
         self.cos = self.sin = self.cos32 = self.sin32 = self.ucos32 = self.usin32 = torch.empty(0, 0, device=device)
         self.pairs = self.unpairs32 = torch.empty(0, 2, 0, device=device)
 
@@ -113,7 +118,7 @@ class RotaryTable:
         size = max(size, 2 * self.cos.shape[0], 256)
         probe = torch.empty(0, dtype=torch.float32, device=self.device)
         positions = torch.arange(size, device=self.device)[None]
-        cos, sin = self.rotary_emb(probe, positions)
+        cos, sin = rotary_tables(self.rotary_emb, probe, positions, self.layer_type)
         self.cos32, self.sin32 = cos[0].float(), sin[0].float()
         self.ucos32, self.usin32 = self.cos32 / self.scale**2, self.sin32 / self.scale**2
         self.cos, self.sin = self.cos32.to(self.dtype), self.sin32.to(self.dtype)
@@ -164,6 +169,17 @@ class RotaryTable:
         return raw.to(self.dtype) if out is None else out.copy_(raw)
 
 
+def rotary_tables(rotary_emb: torch.nn.Module, probe: torch.Tensor, positions: torch.Tensor, layer_type: str | None = None):
+    """The model's own ``(cos, sin)`` at ``positions``; a hybrid model's rotary takes the layer type."""
+    return rotary_emb(probe, positions) if layer_type is None else rotary_emb(probe, positions, layer_type)
+
+
+def rotary_scale(rotary_emb: torch.nn.Module, layer_type: str | None = None) -> float:
+    """The rotary tables' ``attention_scaling`` factor (1 for plain RoPE), of ``layer_type``'s tables on a hybrid model."""
+    scale = getattr(rotary_emb, f"{layer_type}_attention_scaling", None) if layer_type is not None else None
+    return float(scale or getattr(rotary_emb, "attention_scaling", 1.0) or 1.0)
+
+
 def rotary_embedding_of(model: torch.nn.Module) -> torch.nn.Module:
     """The model's rotary embedding module; position shift needs a RoPE decoder (Llama, Qwen2, Mistral, ...)."""
     base = getattr(model, "model", model)
@@ -176,12 +192,106 @@ def rotary_embedding_of(model: torch.nn.Module) -> torch.nn.Module:
     return rotary
 
 
-class CompactingLayer(DynamicLayer):
-    """One layer's view of the stacked buffers; the owning cache does the bookkeeping."""
+class SlidingWindow:
+    """The sliding-window layers of a hybrid model (Gemma 2/3), kept as the model's own cache keeps them.
 
-    def __init__(self, owner: "CompactingCache", index: int):
+    Each such layer holds the newest ``window - 1`` tokens between forwards, so that every query
+    attends to itself and the ``window - 1`` tokens before it, whatever the policy does to the global
+    layers. Keys are held rotated at their original positions, with the sliding layers' own rotary
+    base, as the model's cache holds them.
+
+    Position bookkeeping: a forward's queries sit at ``q0, q0 + 1, ...`` with ``q0 = get_seq_length()``
+    (the policy's convention: slots held for position shift, tokens seen for original positions), in
+    every layer, since the model computes one set of positions for both layer types. Its first token's
+    original position is ``seen``, so the forward's frame is shifted by ``shift = seen - q0`` (0 for
+    original positions, and for position shift until the first compaction). A held key at original
+    position ``j`` must be read at ``j - shift`` (its true distance to every query; it may be negative
+    when the global layers hold fewer slots than the window), so it is rotated by ``-shift`` when
+    read; the forward's new keys, which the model rotated at ``j - shift``, are attended as they are
+    and stored rotated by ``+shift``. With ``shift = 0`` nothing is rotated: the layers are the
+    model's own sliding cache, bit for bit. The mask: the model builds the sliding layers' mask from
+    ``get_mask_sizes``, i.e. keys at ``q0 - held .. q0 - 1`` then the new tokens, its own window rule.
+    """
+
+    def __init__(self, rotary_emb: torch.nn.Module, window: int):
+        if window < 1:
+            raise ValueError(f"sliding_window={window} must be >= 1")
+        self.rotary_emb, self.window = rotary_emb, window
+        self.keys: dict[int, torch.Tensor] = {}  # model layer -> [B, H, n, D], rotated at original positions
+        self.values: dict[int, torch.Tensor] = {}
+        self.shift = 0
+        self.turns: tuple[torch.Tensor, ...] | None = None  # fp32 cos/sin of +shift, then of -shift
+
+    def held(self, seen: int) -> int:
+        """Tokens each sliding layer holds between forwards after ``seen`` tokens."""
+        return min(seen, self.window - 1)
+
+    def begin(self, shift: int, like: torch.Tensor) -> None:
+        """Set this forward's frame shift (``seen - q0``)."""
+        if shift != self.shift or (shift and self.turns is None):
+            self.shift = shift
+            self.turns = None
+            if shift:
+                probe = torch.empty(0, dtype=torch.float32, device=like.device)
+                positions = torch.tensor([[shift, -shift]], device=like.device)
+                cos, sin = rotary_tables(self.rotary_emb, probe, positions, "sliding_attention")
+                cos, sin = cos[0].float(), sin[0].float()
+                self.turns = (cos[0], sin[0], cos[1], sin[1])
+
+    @staticmethod
+    def turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = x`` rotated by one angle (rotate-half convention), three kernels and no temporaries."""
+        half = x.shape[-1] // 2
+        torch.mul(x, cos, out=out)
+        out[..., :half].addcmul_(x[..., half:], sin[:half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[half:])
+        return out
+
+    def append(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Attend the held tokens and the new ones (keys read at ``j - shift``); keep the newest ``window - 1``."""
+        held_keys, held_values = self.keys.get(layer), self.values.get(layer)
+        if self.shift:  # stored at original positions: the model rotated the new keys at j - shift
+            stored = self.turn(key_states, *self.turns[:2], out=torch.empty_like(key_states))
+        else:
+            stored = key_states
+        if held_keys is None:
+            keys, values, stored_all = key_states, value_states, stored
+        else:
+            stored_all = torch.cat([held_keys, stored], dim=-2)
+            values = torch.cat([held_values, value_states], dim=-2)
+            if self.shift:  # the held keys read at j - shift, the new ones as the model gave them
+                n = held_keys.shape[-2]
+                keys = torch.empty_like(stored_all)
+                self.turn(held_keys, *self.turns[2:], out=keys[:, :, :n])
+                keys[:, :, n:] = key_states
+            else:
+                keys = stored_all
+        n, q = values.shape[-2], key_states.shape[-2]
+        start = max(0, n - (self.window - 1))
+        keep = (lambda t: t[:, :, start:].clone()) if q > 1 else (lambda t: t[:, :, start:])  # a prefill's bulk is freed
+        self.keys[layer], self.values[layer] = keep(stored_all), keep(values)
+        return keys, values
+
+    def read_keys(self, layer: int) -> torch.Tensor | None:
+        """The layer's held keys as the next forward reads them (rotated at ``j - shift``)."""
+        held = self.keys.get(layer)
+        if held is None or not self.shift:
+            return held
+        return self.turn(held, *self.turns[2:], out=torch.empty_like(held))
+
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for store in (self.keys, self.values) for t in store.values())
+
+
+class CompactingLayer(DynamicLayer):
+    """One layer's view of the stacked buffers; the owning cache does the bookkeeping. ``index``: the
+    layer among those the policy compresses; ``model_layer``: its index in the model (the same unless
+    the model is hybrid)."""
+
+    def __init__(self, owner: "CompactingCache", index: int, model_layer: int | None = None):
         super().__init__()
         self.owner, self.index = owner, index
+        self.model_layer = index if model_layer is None else model_layer
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -190,13 +300,13 @@ class CompactingLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        return self.owner._append(self.index, key_states, value_states)
+        return self.owner.update_layer(self.model_layer, key_states, value_states)
 
     def get_seq_length(self) -> int:
         return self.owner.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.get_mask_sizes(query_length)
+        return self.owner.get_mask_sizes(query_length, self.model_layer)
 
     def get_max_length(self) -> int:
         return -1
@@ -225,6 +335,28 @@ class CompactingLayer(DynamicLayer):
         pass
 
 
+class SlidingLayer(CompactingLayer):
+    """A sliding-window layer of a hybrid model: the owner's :class:`SlidingWindow` holds it."""
+
+    is_sliding = True
+
+    @property
+    def keys(self):
+        return self.owner.sliding.read_keys(self.model_layer)
+
+    @keys.setter
+    def keys(self, value):
+        pass
+
+    @property
+    def values(self):
+        return self.owner.sliding.values.get(self.model_layer)
+
+    @values.setter
+    def values(self, value):
+        pass
+
+
 class CompactingCache(Cache):
     """Base class of the merging/evicting policies: stacked raw buffers + rotation at read + lazy compaction."""
 
@@ -236,10 +368,18 @@ class CompactingCache(Cache):
     per_slot: ClassVar[tuple[str, ...]] = ("raw_keys", "values", "positions")
 
     def __init__(self, model: torch.nn.Module, capacity: int):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.num_layers = config.num_hidden_layers
-        super().__init__(layers=[CompactingLayer(self, i) for i in range(self.num_layers)])
+        config = text_config(model.config)
+        sliding = sliding_layers(config)
+        self.model_layers = config.num_hidden_layers
+        self.global_layers = compressed_layers(config)  # the model layers the policy compresses
+        self.num_layers = len(self.global_layers)  # a policy's layer index counts those
+        slot = {layer: i for i, layer in enumerate(self.global_layers)}
+        self.compressed_index = [slot.get(layer) for layer in range(self.model_layers)]
+        super().__init__(layers=[CompactingLayer(self, slot[i], i) if i in slot else SlidingLayer(self, i, i)
+                                 for i in range(self.model_layers)])
         self.rotary_emb = rotary_embedding_of(model)
+        self.sliding = None if sliding is None else SlidingWindow(self.rotary_emb, config.sliding_window)
+        self.layer_type = None if sliding is None else GLOBAL  # the global layers' rotary base
         self.initial_capacity = capacity + self.slack
         self.length = 0  # slots held (the longest layer), before the pending plan
         self.layer_lengths: list[int] | None = None  # per layer when they differ (Plan.lengths)
@@ -252,6 +392,7 @@ class CompactingCache(Cache):
         self.slot_steps = 0  # sum over forwards of slots held, for the mean
         self.forwards = 0
         self.bytes_prefill = self.bytes_decode = self.bytes_peak = 0
+        self.window_bytes_sum = self.window_bytes_max = 0  # sliding layers (hybrid models)
 
     # ------------------------------------------------------------------ policy hooks
     def plan(self, length: int) -> Plan | None:
@@ -290,6 +431,9 @@ class CompactingCache(Cache):
         return self.seen if self.position_mode == "original" else self.held()
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if self.sliding is not None and self.compressed_index[layer_idx] is None:
+            held = self.sliding.held(self.seen)  # the newest tokens, at query frame positions q0 - held .. q0 - 1
+            return held + query_length, self.get_seq_length() - held
         held = self.held()
         return held + query_length, (self.seen - held if self.position_mode == "original" else 0)
 
@@ -338,7 +482,7 @@ class CompactingCache(Cache):
         self.raw_keys = key_states.new_empty(shape + (dim,))
         self.values = value_states.new_empty(shape + (value_states.shape[-1],))
         self.positions = torch.zeros(shape, dtype=torch.int32, device=key_states.device)
-        self.rope = RotaryTable(self.rotary_emb, key_states.device, key_states.dtype)
+        self.rope = RotaryTable(self.rotary_emb, key_states.device, key_states.dtype, self.layer_type)
 
     def layer_length(self, layer: int) -> int:
         return self.length if self.layer_lengths is None else self.layer_lengths[layer]
@@ -360,9 +504,20 @@ class CompactingCache(Cache):
             return self.rope.rotate_at(raw, self.positions[layer, :, :, :n], self.seen, out)
         return self.rope.rotate(raw, n, out)
 
-    def _append(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
-        if layer == 0:
+    def update_layer(self, model_layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """One model layer's update: a forward begins at the model's first layer and ends at its last."""
+        if model_layer == 0:
             self._begin_forward(key_states, value_states)
+        layer = self.compressed_index[model_layer]
+        if layer is None:
+            out = self.sliding.append(model_layer, key_states, value_states)
+        else:
+            out = self._append(layer, key_states, value_states)
+        if model_layer == self.model_layers - 1:
+            self._end_forward(key_states.shape[-2])
+        return out
+
+    def _append(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         n, q = self.layer_length(layer), key_states.shape[-2]
         if self.layer_lengths is not None and q > 1:
             raise ValueError(
@@ -381,8 +536,6 @@ class CompactingCache(Cache):
             self.rotated_keys(layer, n, out=keys[:, :, :n])
             keys[:, :, n:] = key_states
         self.on_append(layer, n, q, keys)
-        if layer == self.num_layers - 1:
-            self._end_forward(q)
         return keys, self.values[layer, :, :, : n + q]
 
     def apply_pending(self) -> bool:
@@ -409,6 +562,8 @@ class CompactingCache(Cache):
         if self.layer_lengths is None:  # one write for every layer (a chunk's 32 layers: 2 kernels, not 64)
             self.positions[:, :, :, self.length : needed].copy_(
                 torch.arange(self.seen, self.seen + q, device=self.positions.device, dtype=self.positions.dtype))
+        if self.sliding is not None:  # this forward's queries sit at q0 = get_seq_length(), token `seen` at q0
+            self.sliding.begin(self.seen - (self.seen if self.position_mode == "original" else self.length), key_states)
 
     def _end_forward(self, q: int) -> None:
         self.length += q
@@ -419,6 +574,11 @@ class CompactingCache(Cache):
         self.peak_slots = max(self.peak_slots, self.length)
         self.slot_steps += self.length
         allocated = self.allocated_bytes()
+        if self.sliding is not None:  # the sliding layers' tokens, on top of the compressed layers' slots
+            window = self.sliding.allocated_bytes()
+            self.window_bytes_sum += window
+            self.window_bytes_max = max(self.window_bytes_max, window)
+            allocated += window
         self.bytes_peak = max(self.bytes_peak, allocated)
         if q > 1:
             self.bytes_prefill = max(self.bytes_prefill, allocated)
@@ -484,15 +644,18 @@ class CompactingCache(Cache):
 
     def stats(self) -> dict:
         """KV entries and bytes: slots held (mean and max over forwards) and bytes allocated (after the
-        prefill, in decode, peak including a resize's transient), as the harness records them."""
+        prefill, in decode, peak including a resize's transient), as the harness records them. On a
+        hybrid model the entries are per global layer and the bytes include the sliding layers' window."""
         mean_slots = self.slot_steps / self.forwards if self.forwards else 0.0
         per_slot = self.bytes_per_slot()
+        window_mean = self.window_bytes_sum / self.forwards if self.forwards else 0.0
+        window_now = self.sliding.allocated_bytes() if self.sliding is not None else 0
         return {
             "kv_entries_per_layer_mean": mean_slots,
             "kv_entries_per_layer_max": self.peak_slots,
-            "kv_bytes_mean": mean_slots * per_slot,
-            "kv_bytes_max": self.peak_slots * per_slot,
-            "kv_bytes_allocated": self.allocated_bytes(),
+            "kv_bytes_mean": mean_slots * per_slot + window_mean,
+            "kv_bytes_max": self.peak_slots * per_slot + self.window_bytes_max,
+            "kv_bytes_allocated": self.allocated_bytes() + window_now,
             "kv_bytes_prefill": self.bytes_prefill,
             "kv_bytes_decode": self.bytes_decode,
             "kv_bytes_peak": self.bytes_peak,

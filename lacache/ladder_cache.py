@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from lacache.compat import text_config
+from lacache.compat import compressed_layers, sliding_layers, text_config
 from lacache.kvcache import CompactingCache, Plan, RingRule
 from lacache.ladder import LAYOUTS, Ladder, LadderConfigError, LadderState, validate
 from lacache.policy import CachePolicy, PolicyConfigError
@@ -77,6 +77,15 @@ class LadderCache(CompactingCache):
         return Plan(start=start, index=self._per_layer(index), new_length=compaction.new_length)
 
 
+def hybrid_note(config) -> str:
+    """What the ladder spans on a hybrid model, for an error message ("" for other models)."""
+    if sliding_layers(config) is None:
+        return ""
+    layers = len(compressed_layers(config))
+    return (f"on this hybrid model the ladder spans its {layers} global layers (its sliding-window layers keep the "
+            "model's window), so num_layers is that count: ")
+
+
 @dataclass
 class LaCachePolicy(CachePolicy):
     """LaCache (ICML 2025): span ``S``, overlap ``O``, budget, sink; spec-exact kept positions."""
@@ -104,14 +113,15 @@ class LaCachePolicy(CachePolicy):
             raise PolicyConfigError(f"compact_every={self.compact_every} must be >= 1")
 
     def check(self, model_config) -> None:
-        layers = text_config(model_config).num_hidden_layers
+        super().check(model_config)
+        layers = len(compressed_layers(model_config))
         try:
             if self.is_fraction or self.sink == "auto":
                 validate(layers, self.span, self.overlap, layout=self.layout)
             else:
                 validate(layers, self.span, self.overlap, self.budget, self.sink, self.layout)
         except LadderConfigError as err:
-            raise PolicyConfigError(str(err)) from None
+            raise PolicyConfigError(hybrid_note(model_config) + str(err)) from None
 
     def resolve_sink(self, budget: int, prompt_length: int | None, ladder: Ladder) -> int:
         if self.sink != "auto":
@@ -123,12 +133,12 @@ class LaCachePolicy(CachePolicy):
     def make_cache(self, model, prompt_length: int | None = None) -> LadderCache:
         config = text_config(model.config)
         budget = self.resolve_budget(prompt_length, getattr(config, "max_position_embeddings", None))
-        ladder = Ladder(config.num_hidden_layers, self.span, self.overlap, self.layout)
+        ladder = Ladder(len(compressed_layers(config)), self.span, self.overlap, self.layout)
         sink = self.resolve_sink(budget, prompt_length, ladder)
         try:
             validate(ladder.num_layers, self.span, self.overlap, budget, sink, self.layout)
         except LadderConfigError as err:
-            raise PolicyConfigError(str(err)) from None
+            raise PolicyConfigError(hybrid_note(config) + str(err)) from None
         return LadderCache(model, ladder, budget, sink, self.compact_every)
 
     def describe(self) -> dict:

