@@ -36,7 +36,8 @@ def _number(value):
 def label(row) -> str:
     budget = _number(row.get("budget"))
     if row.get("policy") == "lacache":
-        return f"lacache (budget {budget}, S={_number(row.get('span'))}, O={_number(row.get('overlap'))})"
+        layout = ", bands" if row.get("layout") == "bands" else ""  # the reference layout is the default
+        return f"lacache (budget {budget}, S={_number(row.get('span'))}, O={_number(row.get('overlap'))}{layout})"
     return f"{row.get('policy')}" + (f" (budget {budget})" if budget is not None else "")
 
 
