@@ -74,7 +74,8 @@ paper-table-smoke: setup ## every paper experiment's _smoke variant on the embed
 	  echo "[paper-table-smoke] $${exp}_smoke: $$(( $$(date +%s) - start )) s"; \
 	done
 	@start=$$(date +%s); \
-	$(OFFLINE) $(PY) -m lacache.harness.bench --model smollm2-135m --contexts 512 1024 2048 --budgets 256 --steps 16 --runs-dir $(SMOKE_RUNS) --plot ""; \
+	$(OFFLINE) $(PY) -m lacache.harness.bench --model smollm2-135m --contexts 512 1024 2048 --budgets 256 --steps 16 \
+	  --policies full streamingllm h2o lacache --runs-dir $(SMOKE_RUNS) --plot ""; \
 	echo "[paper-table-smoke] bench: $$(( $$(date +%s) - start )) s"
 	$(PY) -m lacache.report --runs $(SMOKE_RUNS) --out $(SMOKE_OUT)
 
