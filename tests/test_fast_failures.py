@@ -149,13 +149,14 @@ def test_ppl_tokenizes_the_head_of_its_text_to_the_tokens_of_the_whole(smollm2_s
     from lacache.assets import essays_text
 
     tokenizer = runner.load_tokenizer(smollm2_spec)
-    texts = {"essays": essays_text()[:120_000],  # about 28K tokens
-             "dense": "".join(f"{i * 7919 % 100_003}|" for i in range(6000))}  # digits: one token per character
-    for name, text in texts.items():
+    texts = {"essays": (essays_text()[:120_000], (2, 100, 1024, 4096)),  # prose: ~4 characters a token
+             "digits": ("".join(f"{i * 7919 % 100_003}|" for i in range(6000)), (2, 100, 4096)),  # one character a token
+             "rule": ("=" * 20_000, range(2, 400))}  # ~64 characters a token: the head must grow, and is cut inside one
+    for name, (text, sizes) in texts.items():
         path = tmp_path / f"{name}.txt"
         path.write_text(text)
         whole = tokenizer(text, return_tensors="pt").input_ids[0]
-        for n in (2, 100, 1024, 4096, len(whole) - 1, len(whole)):
+        for n in [n for n in sizes if n < len(whole)] + [len(whole) - 1, len(whole)]:
             ids = PerplexityTask(dataset="text_file", path=str(path), num_tokens=n).tokens(tokenizer)
             assert torch.equal(ids, whole[:n]), (name, n)
         with pytest.raises(Exception, match=f"has only {len(whole)} tokens"):
