@@ -259,22 +259,23 @@ def preloaded(tmp_path_factory):
 @pytest.mark.parametrize("command", [pytest.param(c, id=c.name, marks=[pytest.mark.skip(reason=f"{c.name}: {c.skip}")] if c.skip else [])
                                      for c in COMMANDS])
 def test_the_documented_command_runs_as_written(command, tmp_path, preloaded):
-    before, started = untracked_files(), time.time()
+    before, started = changed_files(), time.time()
     outcome = run(command, tmp_path, preloaded=preloaded)
     print(f"{command.name}: {outcome.seconds:.1f} s, {outcome.cpu_s:.1f} s of CPU")
     check(command, outcome)
-    left = [name for name, mtime in untracked_files().items() if name not in before and mtime >= started]
-    assert not left, f"{command.name} left files in the checkout (write them under reports/ or runs/): {left}"
+    touched = [name for name, mtime in changed_files().items() if before.get(name) != mtime and mtime >= started]
+    assert not touched, f"{command.name} wrote files of the checkout (outputs belong under reports/ or runs/): {touched}"
 
 
-def untracked_files() -> dict[str, float]:
-    """Untracked files outside git-ignored folders, with their modification times (none outside a git checkout)."""
+def changed_files() -> dict[str, float]:
+    """Files that differ from git's index (changed, added or untracked, outside git-ignored folders), with their
+    modification times; none outside a git checkout."""
     try:
-        listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                                text=True, timeout=60)
+        listed = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=all"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    names = [name for name in listed.stdout.split("\0") if name] if listed.returncode == 0 else []
+    names = [entry[3:] for entry in listed.stdout.split("\0") if len(entry) > 3] if listed.returncode == 0 else []
     return {name: (ROOT / name).stat().st_mtime for name in names if (ROOT / name).exists()}
 
 

@@ -1,6 +1,7 @@
 """``hydra/launcher=slurm`` (``configs/hydra/launcher/slurm.yaml``): the submitit plugin's SLURM launcher, with
 a submission that SLURM refuses, or a machine without ``sbatch``, ending in one line and exit 2 instead of a
-traceback. Hydra takes launchers only from the ``hydra_plugins`` package, hence this folder."""
+traceback. Hydra takes launchers only from the ``hydra_plugins`` package, hence this folder; ``lacache.harness.cli``
+registers the class too, as Hydra's scan misses an editable install's ``hydra_plugins``."""
 
 import shutil
 import subprocess
