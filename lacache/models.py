@@ -33,16 +33,6 @@ class ModelUnavailableError(RuntimeError):
     """The model cannot be found locally and cannot be downloaded, or its device is not there."""
 
 
-def no_gpu(setting: str, fix: str) -> str:
-    """The one line for a setting that needs a CUDA GPU on a machine without one."""
-    return f"{setting} but no CUDA GPU is visible here: run on a machine with a GPU, or {fix}"
-
-
-def check_device(spec: "ModelSpec") -> None:
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError(no_gpu("model.device=cuda", "set model.device=cpu"))
-
-
 @dataclass
 class ModelSpec:
     """``configs/model/<name>.yaml``. ``source``: ``hub`` (an id or a local directory), ``package``
@@ -86,6 +76,17 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: source=hub needs `id` (a Hugging Face id or a local directory)")
         if self.source == "package" and not (self.package and self.gguf_file):
             raise ValueError(f"model {self.name!r}: source=package needs `package` and `gguf_file`")
+
+
+def no_gpu(setting: str, fix: str) -> str:
+    """The one line for a setting that needs a CUDA GPU on a machine without one."""
+    return f"{setting} but no CUDA GPU is visible here: run on a machine with a GPU, or {fix}"
+
+
+def check_device(spec: ModelSpec) -> None:
+    """``model.device=cuda`` needs a GPU: refused before anything loads (or is looked up on the hub)."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError(no_gpu("model.device=cuda", "set model.device=cpu"))
 
 
 def cache_root() -> Path:
