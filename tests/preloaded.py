@@ -3,9 +3,10 @@ run.py ...`` or ``python -m <module> ...`` it is sent in a forked child, as ``py
 README commands' test spends ~5 s of CPU per command on imports otherwise.
 
 It runs no torch operation itself, so no thread pool exists when it forks. Protocol over stdin/stdout, one
-JSON object a line: a request ``{"argv", "env", "cwd", "output"}`` (argv without the interpreter) is
-answered with ``{"pid"}`` at once (the child leads its own process group, to be killed as one), then
-``{"code", "cpu_s"}`` once the child ends (code: the exit status, or -signal)."""
+JSON object a line: a request ``{"argv", "env", "cwd", "output"}`` (argv without the interpreter), or
+``{"shell", "env", "cwd", "output"}`` for a line bash runs, is answered with ``{"pid"}`` at once (the child leads
+its own process group, to be killed as one), then ``{"code", "cpu_s"}`` once the child ends (code: the exit
+status, or -signal; cpu_s: its CPU time and that of the processes it waited for)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def run_child(request: dict) -> typing.NoReturn:
     os.dup2(out, 1)
     os.dup2(out, 2)
     argv = request["argv"]
+    if request.get("shell"):
+        os.execvp("bash", ["bash", "-c", request["shell"]])
     if argv[0] == "-m":
         sys.argv = argv[1:]
         sys.path[0] = os.getcwd()

@@ -16,9 +16,11 @@ fresh temporary folder per command through ``LACACHE_RUNS_DIR`` (read by ``confi
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
+import queue
 import re
 import resource
 import select
@@ -184,10 +186,13 @@ class Preloaded:
         assert line, f"tests/preloaded.py stopped (exit {self.process.poll()})"
         return json.loads(line)
 
-    def run(self, assignments: dict, argv: list[str], scratch: Path, limit_s: float) -> tuple[int, str, float]:
-        """(exit code, output, CPU seconds) of ``python <argv>`` in a child of the preloaded interpreter."""
+    def run(self, scratch: Path, limit_s: float, assignments: dict | None = None, argv: list[str] | None = None,
+            shell: str | None = None) -> tuple[int, str, float]:
+        """(exit code, output, CPU seconds) of ``python <argv>`` in a child of the preloaded interpreter, or of the
+        ``shell`` line in bash started from one."""
         output = scratch / "output.txt"
-        request = {"argv": argv, "env": {**environment(scratch), **assignments}, "cwd": str(ROOT), "output": str(output)}
+        request = {"argv": argv, "shell": shell, "env": {**environment(scratch), **(assignments or {})}, "cwd": str(ROOT),
+                   "output": str(output)}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         pid = self.answer(60)["pid"]
@@ -213,12 +218,16 @@ class Outcome:
 
 
 def run(command: Command, scratch: Path, limit_s: float = HANG_LIMIT_S, preloaded: Preloaded | None = None) -> Outcome:
-    """One command, killed with its process group at ``limit_s``. A plain ``.venv/bin/python run.py|-m ...``
-    line runs in ``preloaded`` when given, anything else in bash."""
+    """One command, killed with its process group at ``limit_s``. With ``preloaded``, a plain ``.venv/bin/python
+    run.py|-m ...`` line runs in a child of it and anything else in bash started from one (its CPU time is then
+    its own, whatever else runs at the same time); without, in bash started from here."""
     started = time.perf_counter()
-    plain = python_argv(command) if preloaded is not None else None
-    if plain is not None:
-        code, output, cpu_s = preloaded.run(*plain, scratch, limit_s)
+    if preloaded is not None:
+        plain = python_argv(command)
+        if plain is not None:
+            code, output, cpu_s = preloaded.run(scratch, limit_s, *plain)
+        else:
+            code, output, cpu_s = preloaded.run(scratch, limit_s, shell=shell_line(command))
         return Outcome(code, output, time.perf_counter() - started, cpu_s)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with subprocess.Popen(["bash", "-c", shell_line(command)], cwd=ROOT, env=environment(scratch), stdout=subprocess.PIPE,
@@ -248,23 +257,71 @@ def check(command: Command, outcome: Outcome, cpu_limit_s: float = CPU_LIMIT_S) 
 COMMANDS = all_commands()
 
 
+WORKERS = 2  # commands run at a time: each uses one torch thread, and CI has 2 cores
+
+
 @pytest.fixture(scope="module")
-def preloaded(tmp_path_factory):
-    server = Preloaded(tmp_path_factory.mktemp("preloaded"))
+def servers(tmp_path_factory):
+    """Preloaded interpreters, one per worker, handed out through a queue."""
+    started = [Preloaded(tmp_path_factory.mktemp("preloaded")) for _ in range(WORKERS)]
+    pool = queue.Queue()
+    for server in started:
+        pool.put(server)
+    yield pool
+    for server in started:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def preloaded(servers):
+    server = servers.get()
     yield server
-    server.close()
+    servers.put(server)
+
+
+@dataclasses.dataclass
+class Run:
+    outcome: Outcome
+    window: tuple[float, float]  # wall-clock start and end
+    touched: list[str] = dataclasses.field(default_factory=list)  # checkout files written while it ran
+
+
+@pytest.fixture(scope="module")
+def runs(request, servers, tmp_path_factory) -> dict[str, Run]:
+    """Every selected documented command, run ``WORKERS`` at a time in document order, with the checkout's files
+    each may have written (a file written while two ran is named for both)."""
+    selected = [item.callspec.params["command"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_the_documented_command_runs_as_written"
+                and not item.callspec.params["command"].skip]
+    before, runs = changed_files(), {}
+
+    def one(command: Command) -> None:
+        server = servers.get()
+        try:
+            started = time.time()
+            outcome = run(command, tmp_path_factory.mktemp("command"), preloaded=server)
+            runs[command.name] = Run(outcome, (started, time.time()))
+        finally:
+            servers.put(server)
+
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(one, selected))
+    for name, mtime in changed_files().items():
+        if before.get(name) != mtime:
+            for done in runs.values():
+                if done.window[0] - 1 <= mtime <= done.window[1] + 1:
+                    done.touched.append(name)
+    return runs
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [pytest.param(c, id=c.name, marks=[pytest.mark.skip(reason=f"{c.name}: {c.skip}")] if c.skip else [])
                                      for c in COMMANDS])
-def test_the_documented_command_runs_as_written(command, tmp_path, preloaded):
-    before, started = changed_files(), time.time()
-    outcome = run(command, tmp_path, preloaded=preloaded)
-    print(f"{command.name}: {outcome.seconds:.1f} s, {outcome.cpu_s:.1f} s of CPU")
-    check(command, outcome)
-    touched = [name for name, mtime in changed_files().items() if before.get(name) != mtime and mtime >= started]
-    assert not touched, f"{command.name} wrote files of the checkout (outputs belong under reports/ or runs/): {touched}"
+def test_the_documented_command_runs_as_written(command, runs):
+    done = runs[command.name]
+    print(f"{command.name}: {done.outcome.seconds:.1f} s, {done.outcome.cpu_s:.1f} s of CPU")
+    check(command, done.outcome)
+    assert not done.touched, f"{command.name} wrote files of the checkout (outputs belong under reports/ or runs/): {done.touched}"
 
 
 def changed_files() -> dict[str, float]:
