@@ -49,7 +49,7 @@ test-compat: setup ## the fast tests against the lowest supported transformers (
 	@$(COMPAT_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(TRANSFORMERS_FLOOR)', transformers.__file__; print('[test-compat] transformers', transformers.__version__)"
 	$(COMPAT_VENV)/bin/python -m pytest -q -m "not slow" $(COMPAT_ARGS)
 
-bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU), at 1K context, budget 256, 16 steps; records in runs/records, plot in reports/bench.png
+bench: setup ## speed and memory of every policy and decode path side by side on SmolLM2-135M (CPU), at 1K context, budget 256, 16 steps (~2 min); records in runs/records, plot in reports/bench.png
 	$(PY) -m lacache.harness.bench --model smollm2-135m --contexts 1024 --budgets 256 --steps 16 --decode eager graph
 
 bench-full: setup ## the same at 4K context, budgets 512 and 2048, 48 steps (the README's memory figures; ~16 min on 2 CPU cores)
