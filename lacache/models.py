@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import gc
 import importlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ SOURCES = ("hub", "package", "random")
 
 
 class ModelUnavailableError(RuntimeError):
-    """The model cannot be found locally and cannot be downloaded."""
+    """The model cannot be found locally and cannot be downloaded, or its device is not there."""
 
 
 @dataclass
@@ -81,6 +83,17 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: source=hub needs `id` (a Hugging Face id or a local directory)")
         if self.source == "package" and not (self.package and self.gguf_file):
             raise ValueError(f"model {self.name!r}: source=package needs `package` and `gguf_file`")
+
+
+def no_gpu(setting: str, fix: str) -> str:
+    """The one line for a setting that needs a CUDA GPU on a machine without one."""
+    return f"{setting} but no CUDA GPU is visible here: run on a machine with a GPU, or {fix}"
+
+
+def check_device(spec: ModelSpec) -> None:
+    """``model.device=cuda`` needs a GPU: refused before anything loads (or is looked up on the hub)."""
+    if spec.device == "cuda" and not torch.cuda.is_available():
+        raise ModelUnavailableError(no_gpu("model.device=cuda", "set model.device=cpu"))
 
 
 def cache_root() -> Path:
@@ -162,12 +175,53 @@ def _complete(target: Path) -> bool:
     return (target / "model.safetensors").exists() and (target / "config.json").exists()
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be used now (``HF_HUB_OFFLINE=1``, or a short probe that finds no
+    answer), or None when it answers. An unanswered probe switches huggingface_hub, transformers and datasets
+    to offline mode for this process and its children, so a lookup answers from the local cache at once
+    instead of retrying for ~25 s. Once per process."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE=1"
+    try:
+        from huggingface_hub.utils import get_session
+
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)  # any answer, even an error status, will do
+    except Exception as err:  # noqa: BLE001 - DNS, refused, timed out, proxy: all mean "not reachable from here"
+        constants.HF_HUB_OFFLINE = True
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].config.HF_HUB_OFFLINE = True
+        return f"{constants.ENDPOINT} does not answer: {first_line(err) or type(err).__name__}"
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else ""
+
+
+def needs_hub(location: str | None) -> str | None:
+    """``hub_offline_reason()`` for a model or tokenizer named by a hub id; None for a local directory."""
+    if location is None or Path(os.path.expanduser(location)).exists():
+        return None
+    return hub_offline_reason()
+
+
 def _hub_error(spec: ModelSpec, err: Exception) -> ModelUnavailableError:
+    offline = needs_hub(spec.id)
+    if offline:
+        return ModelUnavailableError(
+            f"model {spec.name!r} ({spec.id}) is not in the local Hugging Face cache and the hub is unreachable "
+            f"({offline}): download it where the hub answers and set HF_HOME to that cache, or point model.id at a "
+            "local directory")
     return ModelUnavailableError(
-        f"model {spec.name!r} ({spec.id}) is not in the local Hugging Face cache and the hub is unreachable "
-        f"(or the id/path is wrong): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-        "Download it where the hub is reachable, set HF_HOME to that cache, or point model.id at a local directory."
-    )
+        f"model {spec.name!r} ({spec.id}) cannot be loaded ({type(err).__name__}: {first_line(err)}): check model.id "
+        "(a Hugging Face id or a local directory) and, for a gated model, your access (`hf auth login`)")
 
 
 def _location(spec: ModelSpec) -> str:
@@ -186,6 +240,7 @@ def load_config(spec: ModelSpec):
         if (converted / "config.json").exists():
             return AutoConfig.from_pretrained(converted)
         return AutoConfig.from_pretrained(_package_dir(spec), gguf_file=spec.gguf_file)
+    needs_hub(spec.id)
     try:
         return AutoConfig.from_pretrained(spec.id)
     except (OSError, ValueError) as err:
@@ -232,10 +287,11 @@ def _load(spec: ModelSpec):
     device_map = spec.device_map if spec.device_map is not None else ("auto" if spec.device == "auto" else None)
     if device_map is not None:
         kwargs["device_map"] = device_map  # accelerate places the layers (over all visible GPUs for auto)
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError("model.device=cuda but no CUDA device is available; use model.device=cpu")
+    check_device(spec)
     if spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ModelUnavailableError("attn_implementation=flash_attention_2 needs the flash-attn package; use sdpa")
+    if spec.source == "hub":
+        needs_hub(location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -253,10 +309,10 @@ def _random(spec: ModelSpec):
     """A model of ``spec.config``'s architecture with random weights (seed 0: a function of the spec)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec.device == "cuda" and not torch.cuda.is_available():
-        raise ModelUnavailableError("model.device=cuda but no CUDA device is available; use model.device=cpu")
+    check_device(spec)
     config = load_config(spec)
     config._attn_implementation = spec.attn_implementation
+    needs_hub(spec.tokenizer)
     tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(spec.tokenizer))
     device = "cuda" if spec.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
     dtype = torch.float32 if spec.dtype == "auto" else DTYPES[spec.dtype]
@@ -276,7 +332,7 @@ def claim_gpu(folder: Path, per_gpu: int = 1) -> int:
     if not _CLAIMED:
         count = torch.cuda.device_count()
         if count == 0:
-            raise ModelUnavailableError("hydra/launcher=joblib_gpus pins each worker to a GPU, but no CUDA GPU is visible")
+            raise ModelUnavailableError(no_gpu("hydra/launcher=joblib_gpus pins each worker to a GPU", "use hydra/launcher=joblib"))
         _CLAIMED.append(_claim(folder, count, per_gpu))
         torch.cuda.set_device(_CLAIMED[0][0])
     return _CLAIMED[0][0]

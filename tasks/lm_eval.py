@@ -40,6 +40,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import ClassVar
 
+from lacache.models import first_line, hub_offline_reason
 from lacache.tasks import generation as gen
 from lacache.tasks.base import RunContext, Task, TaskConfigError, TaskResult
 
@@ -130,14 +131,16 @@ class LmEvalTask(Task):
                 + "; ".join(f"{n}: {', '.join(h) or 'none'}" for n, h in hints.items())
                 + ". `lm_eval ls tasks` lists them all"
             )
+        offline = hub_offline_reason()
         try:
             manager.load(self.tasks)
         except Exception as err:  # datasets raises many types for "offline" / "not found"
+            why = (f"the data is not in the local Hugging Face cache and the hub is unreachable ({offline}), or the "
+                   "task config is broken" if offline else "the data cannot be fetched or the task config is broken")
             raise TaskConfigError(
-                f"could not load lm-eval task(s) {self.tasks}: the data is not reachable (the Hugging Face hub is "
-                f"unreachable or offline mode is on, and the data is not cached) or the task config is broken "
-                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Run once where the hub is "
-                "reachable to cache it, or point a local task YAML at local files (dataset_path: json, data_files)"
+                f"could not load lm-eval task(s) {self.tasks}: {why} ({type(err).__name__}: {first_line(err)}). Run "
+                "once where the hub answers to cache it, or point a local task YAML at local files (dataset_path: json, "
+                "data_files)"
             ) from None
 
     def run(self, ctx: RunContext) -> TaskResult:

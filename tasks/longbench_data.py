@@ -317,9 +317,12 @@ def _load_local(dataset: str, source: str | os.PathLike, limit: int | None) -> l
 
 
 def _hub_unreachable(dataset: str, err: BaseException) -> RuntimeError:
+    from lacache.models import first_line, hub_offline_reason
+
+    reason = hub_offline_reason() or f"{type(err).__name__}: {first_line(err)}"
     return RuntimeError(
         f"could not load LongBench dataset {dataset!r} from the Hugging Face hub ({HUB_REPO}): the hub is "
-        f"unreachable or offline mode is on ({type(err).__name__}: {err}). Download "
+        f"unreachable ({reason}) and the data is not cached. Download "
         f"https://huggingface.co/datasets/{HUB_REPO}/resolve/main/data.zip elsewhere, unzip it and pass the "
         f"directory holding the <dataset>.jsonl files: load({dataset!r}, source='/path/to/LongBench/data')"
     )
@@ -352,6 +355,9 @@ def _load_hub(dataset: str, limit: int | None) -> list[dict]:
             f"or pass source='/path/to/LongBench/data'"
         ) from e
 
+    from lacache.models import hub_offline_reason
+
+    hub_offline_reason()  # offline mode at once where the hub does not answer: no retries
     kwargs = {}
     if int(datasets.__version__.split(".")[0]) < 4:
         kwargs["trust_remote_code"] = True  # THUDM/LongBench is a script-based dataset

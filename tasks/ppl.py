@@ -26,23 +26,25 @@ from tqdm.auto import tqdm
 from lacache.assets import essays_text
 from lacache.compat import cache_kwarg
 from lacache.measure import Stopwatch, device_peak_bytes, peak_rss_bytes, reset_device_peak
-from lacache.models import input_device
+from lacache.models import first_line, hub_offline_reason, input_device
 from lacache.tasks.base import RunContext, Task, TaskConfigError, TaskResult
 
 DATASETS = ("pg_essays", "wikitext2", "pg19", "text_file")
+HEAD_MARGIN = 64  # tokens tokenized past num_tokens: the last ones of a cut text may differ from the whole text's
 
 
 def _hub_text(dataset: str, hub_id: str, config: str | None, split: str, sample: int | None) -> str:
     import datasets
 
+    offline = hub_offline_reason()
     try:
         data = datasets.load_dataset(hub_id, config, split=split)
     except Exception as err:  # datasets raises many types for "offline" / "not found"
+        why = (f"is not in the local Hugging Face cache and the hub is unreachable ({offline})" if offline else
+               f"could not be loaded ({type(err).__name__}: {first_line(err)})")
         raise TaskConfigError(
-            f"dataset {dataset!r} ({hub_id}{'/' + config if config else ''}, split {split}) could not be loaded: the "
-            f"Hugging Face hub is unreachable or the dataset is not cached ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). Use task.dataset=text_file task.path=<file>, "
-            "or task.dataset=pg_essays (embedded, offline)."
+            f"dataset {dataset!r} ({hub_id}{'/' + config if config else ''}, split {split}) {why}: use "
+            "task.dataset=text_file task.path=<file>, or task.dataset=pg_essays (embedded, offline)"
         ) from None
     if sample is not None:
         return data[sample]["text"]
@@ -86,7 +88,8 @@ class PerplexityTask(Task):
         """task.path's text; an error naming the file if it is missing, unreadable, not UTF-8 text or empty."""
         path = Path(self.path)
         if not path.is_file():
-            raise TaskConfigError(f"task.path={self.path!r} is not a file")
+            raise TaskConfigError(f"task.path={self.path!r} is not a file: give the path of a UTF-8 text file of at least "
+                                  f"task.num_tokens={self.num_tokens} tokens")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
@@ -109,7 +112,16 @@ class PerplexityTask(Task):
         return _hub_text(self.dataset, self.hub_id or "emozilla/pg19-test", None, "test", self.sample if self.sample is not None else 0)
 
     def tokens(self, tokenizer) -> torch.Tensor:
-        ids = tokenizer(self.text(), return_tensors="pt").input_ids[0]
+        """The text's first ``num_tokens`` tokens. Only a head of the text is tokenized (the embedded essays are
+        3 MB, ~3 s to tokenize whole): one that yields ``HEAD_MARGIN`` tokens more than needed, so the tokens
+        kept are those of the whole text (a token depends only on the text up to a few characters past it)."""
+        text = self.text()
+        chars = 8 * self.num_tokens + 1024  # English prose has ~4 characters a token
+        while True:
+            ids = tokenizer(text[:chars], return_tensors="pt").input_ids[0]
+            if chars >= len(text) or ids.numel() >= self.num_tokens + HEAD_MARGIN:
+                break
+            chars *= 2
         if ids.numel() < self.num_tokens:
             source = f"task.path={self.path!r}" if self.dataset == "text_file" else f"dataset {self.dataset!r}"
             raise TaskConfigError(f"task.num_tokens={self.num_tokens} but {source} has only {ids.numel()} tokens")

@@ -191,7 +191,8 @@ def test_wheel_installs_only_lacache_and_its_command_runs(tiny_model_dir, tmp_pa
                    check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("lacache-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {name.split("/")[0] for name in names} == {"lacache", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert {name.split("/")[0] for name in names} == {"lacache", "hydra_plugins", wheel.name.split("-py3")[0] + ".dist-info"}
+    assert {name.split("/")[1] for name in names if name.startswith("hydra_plugins/")} == {"lacache_slurm"}  # the launcher
     assert "lacache/configs/cache/lacache.yaml" in names and "lacache/tasks/ppl.py" in names
 
     venv = tmp_path / "venv"
@@ -218,6 +219,11 @@ def test_wheel_installs_only_lacache_and_its_command_runs(tiny_model_dir, tmp_pa
     assert run.returncode == 0, run.stderr[-3000:]
     assert "policy=lacache" in run.stdout and "ppl=" in run.stdout
     assert len(list((tmp_path / "runs" / "records").glob("*.json"))) == 1
+    no_slurm = {**env, "PATH": os.pathsep.join([str(venv / "bin"), "/usr/bin", "/bin"])}  # hydra/launcher=slurm, installed
+    slurm = subprocess.run([venv / "bin" / "lacache", "-m", "hydra/launcher=slurm", "cache=full,lacache",
+                            f"runs_dir={tmp_path / 'runs'}"], cwd=tmp_path, capture_output=True, text=True, env=no_slurm,
+                           timeout=300)
+    assert slurm.returncode == 2 and "hydra/launcher=slurm could not submit the sweep" in slurm.stderr, slurm.stderr[-3000:]
 
 
 def test_ppl_progress_bar_shows_the_current_ppl(tiny_model, tmp_path, capsys):

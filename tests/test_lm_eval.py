@@ -98,7 +98,7 @@ def test_task_names_and_data_are_checked_before_the_model_loads(tmp_path):
         "task: lacache_offline\ndataset_path: lacache-nobody/no-such-dataset\ntest_split: test\n"
         "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
     )
-    with pytest.raises(TaskConfigError, match=r"could not load lm-eval task.*lacache_offline.*not reachable"):
+    with pytest.raises(TaskConfigError, match=r"could not load lm-eval task.*lacache_offline.*the hub is unreachable"):
         LmEvalTask(tasks=["lacache_offline"], include_path=str(tmp_path), include_defaults=False).check(None, None, None)
     LmEvalTask(tasks=TASKS, include_path=FIXTURES, include_defaults=False).check(None, None, None)
     for bad, match in [({"tasks": []}, "task.tasks is empty"), ({"limit": 0}, "task.limit=0"),

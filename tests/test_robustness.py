@@ -271,7 +271,8 @@ def test_joblib_workers_stop_when_the_sweeps_process_is_killed(tiny, tmp_path):
 def test_two_sweeps_in_one_folder_count_only_their_own_points(tmp_path, monkeypatch, capsys):
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})  # all the callback reads
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": {}, "overrides": {"task": []},  # all the
+                                      "runtime": {"choices": {"hydra/launcher": "slurm"}}}})  # callback reads
     monkeypatch.setenv(runner.SWEEP_ID, "")  # restored afterwards: on_multirun_start sets both
     monkeypatch.setenv(runner.SWEEP_PID, "")
     ours, theirs = runner.SweepSummary(), runner.SweepSummary()

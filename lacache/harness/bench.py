@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import time
 
@@ -342,7 +343,7 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
     except RuntimeError as err:
         parser.error(f"--device={args.device!r}: {err}")
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device={args.device!r} but no CUDA device is available; use --device cpu")
+        parser.error(models.no_gpu(f"--device={args.device!r}", "use --device cpu"))
     if "triton" in args.decode and torch.device(args.device).type != "cuda":
         parser.error(f"--decode triton runs Triton kernels on a GPU, not on --device={args.device!r}; "
                      f"on a CPU use one of {', '.join(p for p in DECODE_PATHS if p != 'triton')}")
@@ -378,13 +379,32 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
                 parser.error(f"--policies {name} --budgets {budget} (--span {args.span} --overlap {args.overlap}): {err}")
 
 
+def plan(args) -> list[tuple[int, int, int, str, str]]:
+    """The bench's points, in the order they run: (context, batch, budget, policy, decode path). The full cache has
+    no budget (once per context); each decode path runs the policies it supports."""
+    points = []
+    for context in args.contexts:
+        for batch in args.batch:
+            for budget in args.budgets:
+                for name in args.policies:
+                    if name == "full" and budget != args.budgets[0]:
+                        continue
+                    for path in args.decode:
+                        if (path == "graph" and name not in GRAPH_POLICIES + EVICTION_POLICIES) or \
+                                (path in ("fused", "triton") and name not in GRAPH_POLICIES) or (path == "hf-static" and name != "full"):
+                            continue
+                        points.append((context, batch, budget, name, path))
+    return points
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help=f"configs/model/<name> or a random shape: {sorted(SHAPES)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    parser.add_argument("--policies", nargs="+", default=["full", "streamingllm", "h2o", "lacache"])
+    parser.add_argument("--policies", nargs="+", default=sorted(p.stem for p in (CONFIGS / "cache").glob("*.yaml")),
+                        help="default: every configs/cache/<name>.yaml")
     parser.add_argument("--budgets", nargs="+", type=int, default=[256, 1024])
     parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096])
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch sizes (equal-length prompts)")
@@ -395,7 +415,7 @@ def main(argv=None) -> None:
     parser.add_argument("--compact-every", type=int, default=1)
     parser.add_argument("--prefill", default="full", choices=["full", "chunked"])
     parser.add_argument("--chunk", type=int, default=512)
-    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--runs-dir", default=os.environ.get("LACACHE_RUNS_DIR", "runs"), help="default: $LACACHE_RUNS_DIR, else runs")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of the graph/fused decode step")
     parser.add_argument("--plot", default="reports/bench.png", help="KV memory and decode speed vs context of this run's points")
     args = parser.parse_args(argv)
@@ -409,60 +429,57 @@ def main(argv=None) -> None:
     print(f"[lacache] weight-streaming bound: {weights / 1e9:.2f} GB of weights / {bandwidth / 1e9:.0f} GB/s copy bandwidth "
           f"= {bound_ms:.2f} ms/token", flush=True)
     written = []
+    points = plan(args)
+    policies, paths = dict.fromkeys(point[3] for point in points), dict.fromkeys(point[4] for point in points)
+    print(f"[lacache] bench of {len(points)} points: {len(policies)} policies ({', '.join(policies)}), "
+          f"decode {', '.join(paths)}", flush=True)
     print(f"{'policy':>18} {'budget':>6} {'context':>7} {'batch':>5} {'decode':>9} {'prefill tok/s':>13} {'ms/token':>9} "
           f"{'x bound':>7} {'compact ms':>10} {'KV prefill MiB':>14} {'KV decode MiB':>13} {'peak GiB':>8} {'x formula':>9}",
           flush=True)
-    for context in args.contexts:
-        for batch in args.batch:
-            prompt = torch.randint(0, vocab, (batch, context), device=device, generator=torch.Generator(device).manual_seed(0))
-            for budget in args.budgets:
-                for name in args.policies:
-                    if name == "full" and budget != args.budgets[0]:
-                        continue  # the full cache has no budget: measure it once per context
-                    for path in args.decode:
-                        if (path == "graph" and name not in GRAPH_POLICIES + EVICTION_POLICIES) or \
-                                (path in ("fused", "triton") and name not in GRAPH_POLICIES) or (path == "hf-static" and name != "full"):
-                            continue
-                        release(device)
-                        policy = make_policy(name, budget, args)
-                        policy.prepare_model(model)
-                        with torch.inference_mode():
-                            if path == "eager":
-                                result = measure_eager(model, policy, prompt, args.steps, device)
-                            elif path == "hf-static":
-                                result = measure_hf_static(model, prompt, args.steps, device)
-                            else:
-                                result = measure_graph(model, policy, prompt, args.steps, device, fuse=path in ("fused", "triton"),
-                                                       triton=path == "triton", profile=args.profile)
-                        result["peak_rss_bytes"] = peak_rss_bytes()
-                        result["peak_device_bytes"] = device_peak_bytes(device)
-                        if path != "hf-static":
-                            chunk = args.chunk if args.prefill == "chunked" else None
-                            ring = result.get("kv_bytes_decode", 0) if path != "eager" else 0
-                            result.update(memory_formula(model, policy, context, batch, args.steps, chunk, weights, ring))
-                            if result["peak_device_bytes"]:
-                                result["memory_formula_ratio"] = result["peak_device_bytes"] / result["memory_formula_bytes"]
-                        result.update(weight_bytes=weights, copy_bytes_per_s=bandwidth, bound_ms_per_token=bound_ms,
-                                      bound_ratio=result["decode_ms_per_token"] / bound_ms)
-                        ids = {"model": args.model, **policy.describe(), "task": "bench", "context": context, "batch": batch,
-                               "decode": path, "prefill": args.prefill, "dtype": args.dtype,
-                               "device": env["cuda_device"] if device.type == "cuda" else env["platform"]}
-                        if name == "full":
-                            ids["budget"] = None
-                        if args.prefill == "chunked":
-                            ids["prefill_chunk"] = args.chunk  # one record per chunk size
-                        key = records.config_key({**ids, "steps": args.steps, "compact_every": args.compact_every})
-                        records.write_record(args.runs_dir, {"schema": records.SCHEMA, "key": key, "status": "ok", "ids": ids,
-                                                             "config": vars(args), "metrics": {}, "stats": result, "env": env})
-                        written.append(key)
-                        compact = result.get("compaction_ms_per_step")
-                        peak, ratio = result["peak_device_bytes"], result.get("memory_formula_ratio")
-                        print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>9} "
-                              f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} {result['bound_ratio']:>7.2f} "
-                              f"{'-' if compact is None else f'{compact:.3f}':>10} "
-                              f"{mib(result.get('kv_bytes_prefill', result.get('kv_bytes_max'))):>14} {mib(result.get('kv_bytes_decode')):>13} "
-                              f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8} {'-' if ratio is None else f'{ratio:.3f}':>9}",
-                              flush=True)
+    shape = None
+    for context, batch, budget, name, path in points:
+        if (batch, context) != shape:  # one random prompt per context and batch size, as every policy sees it
+            shape = (batch, context)
+            prompt = torch.randint(0, vocab, shape, device=device, generator=torch.Generator(device).manual_seed(0))
+        release(device)
+        policy = make_policy(name, budget, args)
+        policy.prepare_model(model)
+        with torch.inference_mode():
+            if path == "eager":
+                result = measure_eager(model, policy, prompt, args.steps, device)
+            elif path == "hf-static":
+                result = measure_hf_static(model, prompt, args.steps, device)
+            else:
+                result = measure_graph(model, policy, prompt, args.steps, device, fuse=path in ("fused", "triton"),
+                                       triton=path == "triton", profile=args.profile)
+        result["peak_rss_bytes"] = peak_rss_bytes()
+        result["peak_device_bytes"] = device_peak_bytes(device)
+        if path != "hf-static":
+            chunk = args.chunk if args.prefill == "chunked" else None
+            ring = result.get("kv_bytes_decode", 0) if path != "eager" else 0
+            result.update(memory_formula(model, policy, context, batch, args.steps, chunk, weights, ring))
+            if result["peak_device_bytes"]:
+                result["memory_formula_ratio"] = result["peak_device_bytes"] / result["memory_formula_bytes"]
+        result.update(weight_bytes=weights, copy_bytes_per_s=bandwidth, bound_ms_per_token=bound_ms,
+                      bound_ratio=result["decode_ms_per_token"] / bound_ms)
+        ids = {"model": args.model, **policy.describe(), "task": "bench", "context": context, "batch": batch,
+               "decode": path, "prefill": args.prefill, "dtype": args.dtype,
+               "device": env["cuda_device"] if device.type == "cuda" else env["platform"]}
+        if name == "full":
+            ids["budget"] = None
+        if args.prefill == "chunked":
+            ids["prefill_chunk"] = args.chunk  # one record per chunk size
+        key = records.config_key({**ids, "steps": args.steps, "compact_every": args.compact_every})
+        records.write_record(args.runs_dir, {"schema": records.SCHEMA, "key": key, "status": "ok", "ids": ids,
+                                             "config": vars(args), "metrics": {}, "stats": result, "env": env})
+        written.append(key)
+        compact = result.get("compaction_ms_per_step")
+        peak, ratio = result["peak_device_bytes"], result.get("memory_formula_ratio")
+        print(f"{name:>18} {str(ids['budget']):>6} {context:>7} {batch:>5} {path:>9} "
+              f"{result['prefill_tokens_per_s']:>13.0f} {result['decode_ms_per_token']:>9.2f} {result['bound_ratio']:>7.2f} "
+              f"{'-' if compact is None else f'{compact:.3f}':>10} "
+              f"{mib(result.get('kv_bytes_prefill', result.get('kv_bytes_max'))):>14} {mib(result.get('kv_bytes_decode')):>13} "
+              f"{'-' if peak is None else f'{peak / 2**30:.2f}':>8} {'-' if ratio is None else f'{ratio:.3f}':>9}", flush=True)
 
     if args.plot and written:
         from lacache.report.figures import bench_vs_context

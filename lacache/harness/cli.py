@@ -37,8 +37,19 @@ def swept_group_settings(argv: list[str]) -> list[str]:
     return [f"++{arg}" if of_swept_group(arg) else arg for arg in argv]
 
 
+def register_slurm_launcher() -> None:
+    """``hydra/launcher=slurm``'s class (``hydra_plugins/lacache_slurm``), registered by hand: Hydra finds plugins by
+    scanning the ``hydra_plugins`` folders on sys.path, and an editable install's is not among them."""
+    from hydra.core.plugins import Plugins
+    from hydra_plugins import lacache_slurm
+
+    if lacache_slurm.SlurmLauncher is not None:  # the cluster extra is installed
+        Plugins.instance().register(lacache_slurm.LacacheSlurmLauncher)
+
+
 def main() -> None:
     sys.argv[1:] = swept_group_settings(sys.argv[1:])
+    register_slurm_launcher()
     try:
         run()
     except SystemExit as stop:

@@ -249,6 +249,7 @@ def prepare(cfg: DictConfig):
         top = {f.name: cfg.get(f.name) for f in dataclasses.fields(Settings) if f.name in cfg}
         settings = Settings(**typed(top, Settings, ""))
         spec = models.ModelSpec(**typed(OmegaConf.to_container(cfg.model, resolve=True), models.ModelSpec, "model"))
+        models.check_device(spec)
         policy = build(cfg.cache, "cache")
         task = build(cfg.task, "task")
         logger = build(cfg.logger, "logger") if cfg.logger.get("_target_") else NoLogger()
@@ -397,11 +398,57 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
 
 
 STARTED = False  # set once Hydra has composed a config and called main(): see run.py
+
+
+def fail(message: str) -> typing.NoReturn:
+    """An invalid setting or an unavailable resource, found before anything runs: one line, exit 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+LOCAL_LAUNCHERS = ("basic", "joblib", "joblib_gpus")  # the points run on this machine (SLURM's run on its nodes)
+
+
+def sweep_points(config: DictConfig) -> tuple[int | None, set[str]]:
+    """How many points a sweep has (the product of its swept values, from the command line and from
+    ``hydra.sweeper.params``, as Hydra's basic sweeper expands them) and the keys it sweeps."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    lines = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+    overrides = OverridesParser.create().parse_overrides(lines)
+    swept = {o.get_key_element().lstrip("+~") for o in overrides if o.is_sweep_override()}
+    if not all(o.is_discrete_sweep() for o in overrides if o.is_sweep_override()):
+        return None, swept  # a range or interval: another sweeper (e.g. Optuna) decides how many points
+    return len(BasicSweeper.split_arguments(overrides, None)[0]), swept
+
+
+def unavailable_here(config: DictConfig, swept: set[str]) -> str | None:
+    """Why none of a sweep's points can run on this machine, found once before launching (no GPU for a GPU
+    sweep, a model neither cached nor downloadable); None when the points may run (each still checks itself).
+    Sweeps whose points run elsewhere (SLURM) or sweep the model are left to their points."""
+    launcher = config.hydra.runtime.choices.get("hydra/launcher")
+    if launcher not in LOCAL_LAUNCHERS:
+        return None
+    if launcher == "joblib_gpus" and not torch.cuda.is_available():
+        return models.no_gpu("hydra/launcher=joblib_gpus pins each worker to a GPU", "use hydra/launcher=joblib")
+    if any(key == "model" or key.startswith("model.") for key in swept):
+        return None
+    try:
+        spec = models.ModelSpec(**typed(OmegaConf.to_container(config.model, resolve=True), models.ModelSpec, "model"))
+        models.check_device(spec)
+        if spec.source == "hub":
+            models.load_config(spec)
+    except models.ModelUnavailableError as err:
+        return str(err)
+    except (ConfigError, ValueError, OmegaConfBaseException):
+        return None  # an invalid model setting: every point reports it
+    return None
 
 
 def explain_overrides(argv: list[str]) -> None:
@@ -441,6 +488,13 @@ class SweepSummary(Callback):
         # an id per invocation, inherited by the workers: two sweeps into one folder keep their own notes
         os.environ[SWEEP_ID] = uuid.uuid4().hex[:12]
         os.environ[SWEEP_PID] = f"{socket.gethostname()}:{os.getpid()}"
+        points, swept = sweep_points(config)
+        count = "points" if points is None else f"{points} point{'s' * (points != 1)}"
+        if points is not None:
+            print(f"[lacache] sweep of {count}", flush=True)
+        why = unavailable_here(config, swept)
+        if why:
+            fail(f"{why} (none of the sweep's {count} can run)")
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
