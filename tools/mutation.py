@@ -1,0 +1,254 @@
+"""Mutation testing of the core modules with mutmut, one module at a time (``make mutation``).
+
+For each module named in ``tools/mutation.toml``, a fresh copy of the working tree is staged in
+``.mutation/<module>/`` (``lacache/baselines``, ``lacache/tasks`` and ``lacache/configs`` become real
+folders there, so every module is mutated under the name the tests import it by), mutmut mutates
+that module only and runs, for each mutant, the module's fast tests that execute the mutated
+function. The outcome is written to ``docs/data/mutation/<date>.json``: per module the mutants
+tried, killed, timed out and survived, the equivalent ones with the reason their behaviour is the
+same, and the score ``(killed + timeout) / (tried - equivalent)``.
+
+    python tools/mutation.py                              # every module in tools/mutation.toml
+    python tools/mutation.py lacache/ladder.py --jobs 1   # one module, one worker
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "tools" / "mutation.toml"
+STAGE = ROOT / ".mutation"
+LINKED = ("baselines", "tasks", "configs")  # lacache/<name> -> ../<name> in the repository
+KILLED = {"killed", "segfault"}  # segfault: the test process died (a crash is a caught mutant)
+
+
+def load_config(path: Path = CONFIG) -> dict:
+    config = tomllib.loads(path.read_text())
+    for module, spec in config["modules"].items():
+        if not (ROOT / module).is_file():
+            raise SystemExit(f"{path}: module {module!r} does not exist")
+        for test in spec["tests"]:
+            if not (ROOT / test.split("::")[0]).exists():
+                raise SystemExit(f"{path}: {module}: test {test!r} does not exist")
+    return config
+
+
+def package_path(module: str) -> str:
+    """Where ``module`` sits inside the staged ``lacache/`` (``baselines/h2o.py`` -> ``lacache/baselines/h2o.py``)."""
+    return module if module.startswith("lacache/") else f"lacache/{module}"
+
+
+def working_tree_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                         capture_output=True).stdout.decode()
+    return sorted(p for p in out.split("\0") if p)
+
+
+def stage(module: str, spec: dict, settings: dict) -> Path:
+    """A fresh copy of the working tree for ``module``, with mutmut's settings in its pyproject.toml."""
+    folder = STAGE / module.replace("/", "_").removesuffix(".py")
+    shutil.rmtree(folder, ignore_errors=True)
+    for rel in working_tree_files():
+        source = ROOT / rel
+        if rel.startswith(("docs/", "notebooks/")) or source.is_symlink() or not source.is_file():
+            continue  # the lacache/<name> links are replaced by the folders themselves
+        target = folder / (f"lacache/{rel}" if rel.split("/")[0] in LINKED else rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    for name in LINKED:  # the top-level names point at the package's folders (the reverse of the repository)
+        (folder / name).symlink_to(f"lacache/{name}")
+    (folder / "mutants").mkdir()
+    for name in LINKED:  # inside mutants/ as well, so a top-level path reads the mutated copy
+        (folder / "mutants" / name).symlink_to(f"lacache/{name}")
+    mutmut = {
+        "source_paths": ["lacache/"],
+        "only_mutate": [package_path(module)],
+        "do_not_mutate_patterns": settings["do_not_mutate_patterns"],
+        "pytest_add_cli_args": settings["pytest_args"],
+        "pytest_add_cli_args_test_selection": spec["tests"],
+        "also_copy": sorted({p.split("/")[0] for p in working_tree_files()} - {"lacache", "docs", "notebooks", *LINKED}),
+        "process_isolation": "forkserver",  # torch is not fork-safe once its thread pools started
+        "timeout_multiplier": settings["timeout_multiplier"],
+        "use_git_change_detection": False,
+        "use_setproctitle": False,
+    }
+    with open(folder / "pyproject.toml", "a") as f:
+        f.write("\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in mutmut.items()))
+    return folder
+
+
+def run_mutmut(folder: Path, jobs: int) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
+    env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
+    start = time.monotonic()
+    with open(folder / "mutmut.log", "w") as log:
+        code = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=folder,
+                              env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = (folder / "mutmut.log").read_text()[-3000:]
+        raise SystemExit(f"mutmut failed in {folder} (exit {code}); the end of {folder / 'mutmut.log'}:\n{tail}")
+    return time.monotonic() - start
+
+
+def function_lines(source: str) -> dict[str, tuple[int, int]]:
+    """mutmut's mangled name of every function and method -> its (first, last) line."""
+    import ast
+
+    spans = {}
+
+    def visit(body, cls=""):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                spans[f"x\u01c1{cls}\u01c1{node.name}" if cls else f"x_{node.name}"] = (node.lineno, node.end_lineno)
+            elif isinstance(node, ast.ClassDef):
+                visit(node.body, node.name)
+
+    visit(ast.parse(source).body)
+    return spans
+
+
+def mutant_changes(folder: Path, module: str) -> dict[str, dict]:
+    """Every mutant of ``module``: its status, the changed line (number, before, after)."""
+    from mutmut.configuration import reset_config
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.stats import status_by_exit_code
+
+    rel = package_path(module)
+    source = (folder / rel).read_text().splitlines()
+    spans = function_lines("\n".join(source))
+    cwd = os.getcwd()
+    os.chdir(folder)
+    reset_config()  # mutmut reads its settings from the current folder's pyproject.toml
+    try:
+        data = SourceFileMutationData(path=rel)
+        data.load()
+        mutants = {}
+        for name, code in sorted(data.exit_code_by_key.items()):
+            mangled = name.rpartition(".")[2].partition("__mutmut_")[0]
+            plain = mangled.rpartition("\u01c1")[2].removeprefix("x_") if "\u01c1" in mangled else mangled.removeprefix("x_")
+            # the diff compares the renamed copies (<mangled>__mutmut_orig, <mangled>__mutmut_<n>): name them as in the source
+            diff = re.sub(re.escape(mangled) + r"__mutmut_\w+", plain, get_diff_for_mutant(name, path=rel)).splitlines()[2:]
+            before = [line[1:].strip() for line in diff if line.startswith("-")]
+            after = [line[1:].strip() for line in diff if line.startswith("+")]
+            first, last = spans[mangled]
+            number = next((n for n in range(first, last + 1) if before and source[n - 1].strip() == before[0]), first)
+            mutants[name] = {
+                "status": status_by_exit_code[code],
+                "line": number,
+                "function": mangled.replace("\u01c1", ".").removeprefix("x.").removeprefix("x_"),
+                "before": " ".join(before),
+                "after": " ".join(after),
+            }
+        return mutants
+    finally:
+        os.chdir(cwd)
+
+
+def summarise(module: str, mutants: dict[str, dict], equivalents: list[dict], seconds: float, spec: dict) -> dict:
+    known = {(e["function"], e["before"], e["after"]): e for e in equivalents if e["module"] == module}
+    entry = {"tests": spec["tests"], "seconds": round(seconds), "tried": len(mutants), "killed": 0, "timeout": 0,
+             "survived": 0, "equivalent": [], "survivors": [], "stale_equivalents": []}
+    used = set()
+    for mutant in mutants.values():
+        where = {"at": f"{module}:{mutant['line']}", "function": mutant["function"],
+                 "change": f"{mutant['before']}  ->  {mutant['after']}"}
+        key = (mutant["function"], mutant["before"], mutant["after"])
+        if mutant["status"] in KILLED:
+            entry["killed"] += 1
+            if key in known:
+                entry["stale_equivalents"].append({**where, "why": "listed as equivalent but a test kills it"})
+        elif mutant["status"] == "timeout":
+            entry["timeout"] += 1
+        elif key in known:
+            entry["equivalent"].append({**where, "why": known[key]["why"]})
+            used.add(key)
+        else:
+            entry["survived"] += 1
+            entry["survivors"].append({**where, "status": mutant["status"]})
+    for key in known.keys() - used:
+        if not any((m["function"], m["before"], m["after"]) == key and m["status"] in KILLED for m in mutants.values()):
+            entry["stale_equivalents"].append({"function": key[0], "change": f"{key[1]}  ->  {key[2]}",
+                                               "why": "listed as equivalent but no longer generated"})
+    counted = entry["tried"] - len(entry["equivalent"])
+    entry["score"] = round((entry["killed"] + entry["timeout"]) / counted, 4) if counted else None
+    return entry
+
+
+def git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("modules", nargs="*", help="modules to mutate (default: every module in tools/mutation.toml)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--out", type=Path, help="the record (default docs/data/mutation/<date>.json; merged with "
+                        "an existing record of that name, so per-module runs add up)")
+    parser.add_argument("--keep", action="store_true", help="keep .mutation/<module>/ (mutmut's results browser: "
+                        "cd there and run `mutmut browse`)")
+    args = parser.parse_args(argv)
+    config = load_config()
+    settings = config["settings"]
+    modules = args.modules or list(config["modules"])
+    unknown = [m for m in modules if m not in config["modules"]]
+    if unknown:
+        raise SystemExit(f"not in {CONFIG.relative_to(ROOT)}: {unknown}; modules: {list(config['modules'])}")
+    out = args.out or ROOT / "docs" / "data" / "mutation" / f"{dt.date.today().isoformat()}.json"
+    record = json.loads(out.read_text()) if out.exists() else {"modules": {}}
+    record.update({
+        "tool": "mutmut",
+        "tool_version": metadata.version("mutmut"),
+        "command": "make mutation MODULES='...'  (python tools/mutation.py ...)",
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "packages": {p: metadata.version(p) for p in ("torch", "transformers")},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+        "jobs": args.jobs,
+        "pytest_args": settings["pytest_args"],
+        "not_mutated": settings["not_mutated"],
+        "do_not_mutate_patterns": settings["do_not_mutate_patterns"],
+        "score": "(killed + timeout) / (tried - equivalent)",
+    })
+    for module in modules:
+        spec = config["modules"][module]
+        print(f"[mutation] {module}: staging, then mutmut with {len(spec['tests'])} test selections", flush=True)
+        folder = stage(module, spec, settings)
+        seconds = run_mutmut(folder, args.jobs)
+        mutants = mutant_changes(folder, module)
+        entry = summarise(module, mutants, config.get("equivalent", []), seconds, spec)
+        record["modules"][module] = {**entry, "date": dt.datetime.now().isoformat(timespec="seconds")}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"[mutation] {module}: {entry['tried']} tried, {entry['killed']} killed, {entry['timeout']} timeout, "
+              f"{entry['survived']} survived, {len(entry['equivalent'])} equivalent: score {entry['score']} "
+              f"({entry['seconds']} s)", flush=True)
+        for s in entry["survivors"]:
+            print(f"    survived {s['at']} ({s['function']}): {s['change']}", flush=True)
+        for s in entry["stale_equivalents"]:
+            print(f"    stale equivalent ({s['function']}): {s['change']}: {s['why']}", flush=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    print(f"[mutation] record: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
+if __name__ == "__main__":
+    main()
