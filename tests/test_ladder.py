@@ -8,7 +8,7 @@ import pytest
 from spec_reference import SpecLaCache
 
 from lacache.compat import cache_kwarg
-from lacache.ladder import Ladder, LadderConfigError, LadderState, kept_positions, validate
+from lacache.ladder import Ladder, LadderConfigError, LadderState, Segment, kept_positions, validate
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "lacache_decode_traces.json").read_text())
 
@@ -306,6 +306,7 @@ def test_ladder_plot_draws_the_bands_layout(tmp_path):
     ((8, 8, 0), "span=8 must be < num_layers=8; nearest valid: span=7 overlap=0"),
     ((32, 40, 0), "nearest valid: span=31 overlap=0"),
     ((1, 1, 0), "nearest valid: none (too few layers for any ladder)"),
+    ((2, 2, 0), "span=2 must be < num_layers=2; nearest valid: span=1 overlap=0"),
     ((8, 4, 4), "overlap=4 must be < span=4 (stride span-overlap >= 1); nearest valid: overlap=3"),
     ((8, 3, 5), "nearest valid: overlap=2"),
     ((8, 0, 0), "span must be >= 1 and overlap >= 0 (got span=0, overlap=0)"),
@@ -326,6 +327,8 @@ def test_invalid_ladders_suggest_the_nearest_valid_settings(args, nearest):
             "nearest valid: budget=13 or sink=1"),
     (7, 0, "budget=7 must be >= sink + num_layers + a = 0 + 8 + 1 = 9 (otherwise a sweep has no room for a ladder); "
            "nearest valid: budget=9"),  # no sink makes room: 7 - 8 - 1 < 0
+    (9, 4, "budget=9 must be >= sink + num_layers + a = 4 + 8 + 1 = 13 (otherwise a sweep has no room for a ladder); "
+           "nearest valid: budget=13 or sink=0"),
     (9, 0, None),  # exactly the smallest budget: accepted
     (13, 4, None),
     (40, -1, "sink=-1 must be >= 0"),
@@ -341,6 +344,25 @@ def test_budget_and_sink_are_checked_against_the_ladder(budget, sink, message):
     assert str(err.value) == "invalid LaCache configuration: " + message
     with pytest.raises(LadderConfigError):
         kept_positions(8, 4, 0, budget, sink, 50)  # the replay refuses it too
+
+
+def test_without_a_sink_the_smallest_budget_is_layers_plus_a():
+    assert validate(8, 4, 0, budget=9).kept == 1  # sink defaults to 0
+    with pytest.raises(LadderConfigError, match="budget=8 must be >="):
+        validate(8, 4, 0, budget=8)
+
+
+def test_a_compaction_says_what_it_merges():
+    """L=8 S=4 O=0 (b=2, a=1, r=1), budget 16, sink 4: the newest 8 slots are never merged, so a sweep runs over
+    slots 4..7. At 17 slots one ladder merges at the cursor (slot 4), then at slot 5; 20 slots then need 4
+    merges: 2 at slots 6-7, then the cursor starts over at the sink for the other 2."""
+    state = LadderState(Ladder(8, 4, 0), 16, 4)
+    assert state.plan(16) is None
+    first = state.plan(17)
+    assert (first.length, first.new_length, first.segments, first.first_changed) == (17, 16, (Segment(4, 1),), 4)
+    assert state.plan(17).segments == (Segment(5, 1),)
+    bulk = state.plan(20)
+    assert (bulk.length, bulk.new_length, bulk.segments, bulk.first_changed) == (20, 16, (Segment(6, 2), Segment(4, 2)), 4)
 
 
 def test_a_bad_ladder_is_reported_before_its_budget():

@@ -163,7 +163,7 @@ def mutant_changes(folder: Path, module: str) -> dict[str, dict]:
 def summarise(module: str, mutants: dict[str, dict], equivalents: list[dict], seconds: float, spec: dict) -> dict:
     known = {(e["function"], e["before"], e["after"]): e for e in equivalents if e["module"] == module}
     entry = {"tests": spec["tests"], "seconds": round(seconds), "tried": len(mutants), "killed": 0, "timeout": 0,
-             "survived": 0, "equivalent": [], "survivors": [], "stale_equivalents": []}
+             "survived": 0, "equivalent": [], "survivors": [], "timeouts": [], "stale_equivalents": []}
     used = set()
     for mutant in mutants.values():
         where = {"at": f"{module}:{mutant['line']}", "function": mutant["function"],
@@ -175,6 +175,7 @@ def summarise(module: str, mutants: dict[str, dict], equivalents: list[dict], se
                 entry["stale_equivalents"].append({**where, "why": "listed as equivalent but a test kills it"})
         elif mutant["status"] == "timeout":
             entry["timeout"] += 1
+            entry["timeouts"].append(where)
         elif key in known:
             entry["equivalent"].append({**where, "why": known[key]["why"]})
             used.add(key)
