@@ -230,3 +230,13 @@ def test_scored_policies_accept_their_documented_settings(model):
     assert TOVAPolicy(budget=0.25).make_cache(model, prompt_length=40).budget == 10
     assert TOVAPolicy(budget=0.005, budget_of="max_length").make_cache(model).budget == 20
     assert PyramidKVPolicy(budget=0.5, window=4).make_cache(model, prompt_length=40).budget == 20
+
+
+def test_a_lacache_policy_changed_after_it_was_built_is_checked_again(model):
+    """check() validates the policy as it is when the run starts (a notebook may change a field in place)."""
+    for budget in (64, 0.5):
+        policy = LaCachePolicy(budget=budget, span=4, sink=4)
+        policy.check(model.config)
+        policy.layout = "paper"
+        with pytest.raises(PolicyConfigError, match="layout='paper' is not one of"):
+            policy.check(model.config)

@@ -185,15 +185,15 @@ def test_uneven_layers_take_one_token_at_a_time(model):
 
 
 def test_lacache_is_allocated_for_its_compensated_budget_and_its_amortised_merges():
-    """4 layers, S=1 O=0 (r = 3), budget 16, compact_every=2: it holds at most 16 + 3 // 2 + 2 = 19 slots, so it
-    is allocated 19 + 8 spare slots (+ 1, the first forward's room, given back at the first compaction)."""
-    model = tiny_llama(layers=4, heads=2, kv_heads=1)
+    """6 layers, S=1 O=0 (r = 5), budget 16, compact_every=2: it holds at most 16 + 5 // 2 + 2 = 20 slots, so it
+    is allocated 20 + 8 spare slots (+ 1, the first forward's room, given back at the first compaction)."""
+    model = tiny_llama(layers=6, heads=2, kv_heads=1)
     cache = LaCachePolicy(budget=16, span=1, overlap=0, sink=2, compact_every=2).make_cache(model)
     capacities = []
     for t in range(40):
         feed(model, cache, IDS[:, t : t + 1])
         capacities.append(cache.capacity)
     stats = cache.stats()
-    assert sorted(set(capacities)) == [27, 28] and capacities.index(27) == 19  # the first merge: after 19 tokens
-    assert stats["kv_entries_per_layer_max"] == 19
-    assert (stats["kv_bytes_allocated"], stats["kv_bytes_decode"]) == (27 * 2 * SLOT, 28 * 2 * SLOT)
+    assert sorted(set(capacities)) == [28, 29] and capacities.index(28) == 20  # the first merge: after 20 tokens
+    assert stats["kv_entries_per_layer_max"] == 20
+    assert (stats["kv_bytes_allocated"], stats["kv_bytes_decode"]) == (28 * 3 * SLOT, 29 * 3 * SLOT)

@@ -406,10 +406,10 @@ def test_bench_rows_carry_the_bound_and_the_hf_static_anchor(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- ring sizing (CPU)
 RING_SIZING = {  # policy, the most slots a decode step holds (worked out from the policy's rule)
-    # 4 layers, S=1 O=0: b = 4, a = 1, r = 3; the compensated budget C + r//2, and one token more before a merge
-    "lacache S1 O0": (lambda: LaCachePolicy(budget=20, span=1, overlap=0, sink=2), 20 + 3 // 2 + 1),
-    # S=2 O=0: b = 2, a = 1, r = 1; compact_every=3: the cache grows 3 slots past the budget before merging
-    "lacache S2 O0 every 3": (lambda: LaCachePolicy(budget=20, span=2, overlap=0, sink=2, compact_every=3), 20 + 1 // 2 + 3),
+    # 6 layers, S=1 O=0: b = 6, a = 1, r = 5; the compensated budget C + r//2, and one token more before a merge
+    "lacache S1 O0": (lambda: LaCachePolicy(budget=20, span=1, overlap=0, sink=2), 20 + 5 // 2 + 1),
+    # S=3 O=0: b = 2, a = 1, r = 1; compact_every=3: the cache grows 3 slots past the budget before merging
+    "lacache S3 O0 every 3": (lambda: LaCachePolicy(budget=20, span=3, overlap=0, sink=2, compact_every=3), 20 + 1 // 2 + 3),
     "streamingllm": (lambda: StreamingLLMPolicy(budget=12, sink=2), 12 + 1),
 }
 
@@ -420,7 +420,7 @@ def test_the_ring_holds_what_a_decode_step_holds_rounded_to_whole_splits(name):
     peak when it is fed token by token) plus 8 spare slots, rounded up to the attention's 128-slot splits;
     its decode keeps the exact cache's positions."""
     make, most = RING_SIZING[name]
-    model = tiny_llama(layers=4)
+    model = tiny_llama(layers=6)
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(4))
     exact = make().make_cache(model)
     stream(model, exact, ids)
