@@ -121,6 +121,7 @@ def test_streamingllm_budget_must_exceed_the_sink(model):
     cache = StreamingLLMPolicy(budget=0.05, sink=4).make_cache(model, prompt_length=100)  # 5 entries: 4 sinks + 1
     stream(model, cache, IDS[:, :12])
     assert held(cache) == [[0, 1, 2, 3, 11]] * 8  # the newest token is kept
+    assert StreamingLLMPolicy(budget=0.005, budget_of="max_length").make_cache(model).budget == 20  # of 4096
 
 
 @pytest.mark.parametrize("make, message", [
