@@ -233,11 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     for module in modules:
         spec = config["modules"][module]
         print(f"[mutation] {module}: staging, then mutmut with {len(spec['tests'])} test selections", flush=True)
+        commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=all"))
         folder = stage(module, spec, settings)
         seconds = run_mutmut(folder, args.jobs)
         mutants = mutant_changes(folder, module)
         entry = summarise(module, mutants, config.get("equivalent", []), seconds, spec)
-        record["modules"][module] = {**entry, "date": dt.datetime.now().isoformat(timespec="seconds")}
+        record["modules"][module] = {**entry, "date": dt.datetime.now().isoformat(timespec="seconds"),
+                                     "git_commit": commit, "git_dirty": dirty}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=1) + "\n")
         print(f"[mutation] {module}: {entry['tried']} tried, {entry['killed']} killed, {entry['timeout']} timeout, "
