@@ -191,6 +191,17 @@ def summarise(module: str, mutants: dict[str, dict], equivalents: list[dict], se
     return entry
 
 
+def table(record: dict) -> str:
+    """The record as a Markdown table (docs)."""
+    rows = ["| module | tried | killed | timeout | survived | equivalent | score | seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for module, m in record["modules"].items():
+        score = "n/a" if m["score"] is None else f"{100 * m['score']:.1f}%"
+        rows.append(f"| {module} | {m['tried']} | {m['killed']} | {m['timeout']} | {m['survived']} | "
+                    f"{len(m['equivalent'])} | {score} | {m['seconds']} |")
+    return "\n".join(rows)
+
+
 def git(*args: str) -> str | None:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
@@ -204,9 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--out", type=Path, help="the record (default docs/data/mutation/<date>.json; merged with "
                         "an existing record of that name, so per-module runs add up)")
+    parser.add_argument("--table", type=Path, metavar="RECORD", help="print a record's scores as a Markdown table and exit")
     parser.add_argument("--keep", action="store_true", help="keep .mutation/<module>/ (mutmut's results browser: "
                         "cd there and run `mutmut browse`)")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     config = load_config()
     settings = config["settings"]
     modules = args.modules or list(config["modules"])
