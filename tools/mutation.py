@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--out", type=Path, help="the record (default docs/data/mutation/<date>.json; merged with "
                         "an existing record of that name, so per-module runs add up)")
+    parser.add_argument("--collect", action="store_true", help="only summarise the kept .mutation/<module>/ of an "
+                        "earlier run (--keep) whose mutmut finished")
     parser.add_argument("--table", type=Path, metavar="RECORD", help="print a record's scores as a Markdown table and exit")
     parser.add_argument("--keep", action="store_true", help="keep .mutation/<module>/ (mutmut's results browser: "
                         "cd there and run `mutmut browse`)")
@@ -249,8 +251,14 @@ def main(argv: list[str] | None = None) -> None:
         spec = config["modules"][module]
         print(f"[mutation] {module}: staging, then mutmut with {len(spec['tests'])} test selections", flush=True)
         commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=all"))
-        folder = stage(module, spec, settings)
-        seconds = run_mutmut(folder, args.jobs)
+        if args.collect:
+            folder = STAGE / module.replace("/", "_").removesuffix(".py")
+            log = folder / "mutmut.log"
+            seconds = log.stat().st_mtime - (folder / "pyproject.toml").stat().st_mtime
+            commit, dirty = None, None  # unknown: the run was staged earlier
+        else:
+            folder = stage(module, spec, settings)
+            seconds = run_mutmut(folder, args.jobs)
         mutants = mutant_changes(folder, module)
         entry = summarise(module, mutants, config.get("equivalent", []), seconds, spec)
         record["modules"][module] = {**entry, "date": dt.datetime.now().isoformat(timespec="seconds"),
