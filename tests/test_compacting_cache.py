@@ -197,3 +197,39 @@ def test_lacache_is_allocated_for_its_compensated_budget_and_its_amortised_merge
     assert sorted(set(capacities)) == [28, 29] and capacities.index(28) == 20  # the first merge: after 20 tokens
     assert stats["kv_entries_per_layer_max"] == 20
     assert (stats["kv_bytes_allocated"], stats["kv_bytes_decode"]) == (28 * 3 * SLOT, 29 * 3 * SLOT)
+
+
+def test_layers_of_different_lengths_read_their_own_entries(model):
+    """PyramidKV after a prompt (2 layers, budget 12, window 4, 40 tokens): the selected 2 x 8 entries split
+    15.6 : 0.4 -> 16 : 0, so the layers keep 20 and 4 entries. Before the next forward (the plan pending) and
+    after it, each layer reports and reads its own count; a shorter layer's positions end in -1."""
+    from lacache.baselines.pyramidkv import PyramidKVPolicy
+
+    cache = PyramidKVPolicy(budget=12, window=4).make_cache(model, prompt_length=40)
+    feed(model, cache, IDS[:, :40])
+    assert cache.entries_per_layer() == [20, 4]
+    held = cache.kept_positions()[:, 0, 0].tolist()
+    assert held[1][:4] == [36, 37, 38, 39] and held[1][4:] == [-1] * 16 and held[0][-4:] == [36, 37, 38, 39]
+    feed(model, cache, IDS[:, 40:41])
+    assert cache.entries_per_layer() == [21, 5] and cache.kept_positions()[1, 0, 0].tolist()[:6] == [36, 37, 38, 39, 40, -1]
+    assert [cache.layers[i].values.shape[-2] for i in range(2)] == [21, 5]
+    assert [cache.layers[i].keys.shape[-2] for i in range(2)] == [21, 5]
+
+
+def test_keys_are_rotated_at_any_position():
+    """Rotation tables grow on demand: positions past the first 256 rotate like the model's own RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from lacache.kvcache import RotaryTable
+
+    rotary = tiny_llama(layers=2).model.rotary_emb
+    x = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(1))
+    cos, sin = rotary(x, torch.arange(300, 340)[None])
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    for rotate in (lambda rope, out: rope.rotate_into(out, x, 300),
+                   lambda rope, out: rope.rotate_at(x, torch.arange(300, 340).expand(1, 2, 40), 340, out=out)):
+        rope, out = RotaryTable(rotary, torch.device("cpu"), torch.float32), torch.empty_like(x)
+        rotate(rope, out)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    rope = RotaryTable(rotary, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(rope.unrotate(expected, 300), x, rtol=1e-5, atol=1e-5)
