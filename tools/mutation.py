@@ -74,6 +74,12 @@ def stage(module: str, spec: dict, settings: dict) -> Path:
     (folder / "mutants").mkdir()
     for name in LINKED:  # inside mutants/ as well, so a top-level path reads the mutated copy
         (folder / "mutants" / name).symlink_to(f"lacache/{name}")
+    write_settings(folder, module, spec, settings)
+    return folder
+
+
+def write_settings(folder: Path, module: str, spec: dict, settings: dict) -> None:
+    """The repository's pyproject.toml with mutmut's settings for ``module`` appended."""
     mutmut = {
         "source_paths": ["lacache/"],
         "only_mutate": [package_path(module)],
@@ -86,23 +92,48 @@ def stage(module: str, spec: dict, settings: dict) -> Path:
         "use_git_change_detection": False,
         "use_setproctitle": False,
     }
-    with open(folder / "pyproject.toml", "a") as f:
-        f.write("\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in mutmut.items()))
-    return folder
+    text = (ROOT / "pyproject.toml").read_text() + "\n[tool.mutmut]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in mutmut.items())
+    (folder / "pyproject.toml").write_text(text)
+    if (folder / "mutants" / "pyproject.toml").exists():
+        (folder / "mutants" / "pyproject.toml").write_text(text)
 
 
-def run_mutmut(folder: Path, jobs: int) -> float:
+def run_mutmut(folder: Path, jobs: int, names: list[str] | None = None) -> float:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
     env.update(PYTHONHASHSEED="0", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled")
     start = time.monotonic()
-    with open(folder / "mutmut.log", "w") as log:
-        code = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=folder,
-                              env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    with open(folder / "mutmut.log", "a" if names else "w") as log:
+        code = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *(names or [])],
+                              cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = (folder / "mutmut.log").read_text()[-3000:]
         raise SystemExit(f"mutmut failed in {folder} (exit {code}); the end of {folder / 'mutmut.log'}:\n{tail}")
     return time.monotonic() - start
+
+
+def retry(folder: Path, module: str, spec: dict, settings: dict, jobs: int) -> float:
+    """Run the survivors of a kept run again with the working tree's tests (after writing the tests that should
+    kill them): mutmut tests the named mutants only, collecting the coverage of new tests first."""
+    from mutmut.mutation.data import SourceFileMutationData
+
+    for target in (folder / "tests", folder / "mutants" / "tests"):
+        shutil.rmtree(target)
+        shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__"))
+    mtime = (folder / "pyproject.toml").stat().st_mtime
+    write_settings(folder, module, spec, settings)  # the current test selection
+    os.utime(folder / "pyproject.toml", (mtime, mtime))  # the run's start, for its duration
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        data = SourceFileMutationData(path=package_path(module))
+        data.load()
+    finally:
+        os.chdir(cwd)
+    names = [name for name, code in data.exit_code_by_key.items() if code in (0, 5, 33, None)]
+    if not names:
+        return 0.0
+    return run_mutmut(folder, jobs, names)
 
 
 def function_lines(source: str) -> dict[str, tuple[int, int]]:
@@ -215,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--out", type=Path, help="the record (default docs/data/mutation/<date>.json; merged with "
                         "an existing record of that name, so per-module runs add up)")
+    parser.add_argument("--retry", action="store_true", help="test the survivors of the kept .mutation/<module>/ "
+                        "again with the current tests (after adding tests for them), then summarise")
     parser.add_argument("--collect", action="store_true", help="only summarise the kept .mutation/<module>/ of an "
                         "earlier run (--keep) whose mutmut finished")
     parser.add_argument("--table", type=Path, metavar="RECORD", help="print a record's scores as a Markdown table and exit")
@@ -251,11 +284,12 @@ def main(argv: list[str] | None = None) -> None:
         spec = config["modules"][module]
         print(f"[mutation] {module}: staging, then mutmut with {len(spec['tests'])} test selections", flush=True)
         commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=all"))
-        if args.collect:
+        if args.collect or args.retry:
             folder = STAGE / module.replace("/", "_").removesuffix(".py")
-            log = folder / "mutmut.log"
-            seconds = log.stat().st_mtime - (folder / "pyproject.toml").stat().st_mtime
-            commit, dirty = None, None  # unknown: the run was staged earlier
+            seconds = (folder / "mutmut.log").stat().st_mtime - (folder / "pyproject.toml").stat().st_mtime
+            if args.retry:
+                seconds += retry(folder, module, spec, settings, args.jobs)
+            commit, dirty = None, None  # the mutants are those of an earlier staging
         else:
             folder = stage(module, spec, settings)
             seconds = run_mutmut(folder, args.jobs)
