@@ -241,3 +241,10 @@ def test_a_lacache_policy_changed_after_it_was_built_is_checked_again(model):
         policy.layout = "paper"
         with pytest.raises(PolicyConfigError, match="layout='paper' is not one of"):
             policy.check(model.config)
+
+
+def test_tova_keeps_its_budget_on_a_one_layer_model():
+    model = tiny_llama(layers=1)
+    cache = TOVAPolicy(budget=6).make_cache(model)
+    stream(model, cache, IDS[:, :10])
+    assert cache.entries_per_layer() == [6] and len(set(held(cache)[0])) == 6 and max(held(cache)[0]) <= 9

@@ -233,3 +233,13 @@ def test_keys_are_rotated_at_any_position():
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     rope = RotaryTable(rotary, torch.device("cpu"), torch.float32)
     torch.testing.assert_close(rope.unrotate(expected, 300), x, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_before_its_first_token_reports_nothing(model):
+    cache = StreamingLLMPolicy(budget=16, sink=4).make_cache(model)
+    assert cache.bytes_per_slot() == 0 and cache.capacity == 0
+    assert cache.stats() == dict.fromkeys(("kv_entries_per_layer_mean", "kv_entries_per_layer_max", "kv_bytes_mean",
+                                           "kv_bytes_max", "kv_bytes_allocated", "kv_bytes_prefill", "kv_bytes_decode",
+                                           "kv_bytes_peak"), 0)
+    stream(model, cache, IDS[:, :3])
+    assert all(type(v) is int for k, v in cache.stats().items() if k != "kv_entries_per_layer_mean" and k != "kv_bytes_mean")

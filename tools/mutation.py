@@ -204,12 +204,13 @@ def summarise(module: str, mutants: dict[str, dict], equivalents: list[dict], se
             entry["killed"] += 1
             if key in known:
                 entry["stale_equivalents"].append({**where, "why": "listed as equivalent but a test kills it"})
+        elif key in known:  # an equivalent mutant that timed out only met a slow machine: not a catch
+            entry["equivalent"].append({**where, "why": known[key]["why"]}
+                                       | ({"note": "timed out in this run"} if mutant["status"] == "timeout" else {}))
+            used.add(key)
         elif mutant["status"] == "timeout":
             entry["timeout"] += 1
             entry["timeouts"].append(where)
-        elif key in known:
-            entry["equivalent"].append({**where, "why": known[key]["why"]})
-            used.add(key)
         else:
             entry["survived"] += 1
             entry["survivors"].append({**where, "status": mutant["status"]})
