@@ -196,7 +196,13 @@ def summarise(module: str, mutants: dict[str, dict], equivalents: list[dict], se
     entry = {"tests": spec["tests"], "seconds": round(seconds), "tried": len(mutants), "killed": 0, "timeout": 0,
              "survived": 0, "equivalent": [], "survivors": [], "timeouts": [], "stale_equivalents": []}
     used = set()
+    unchecked = [m for m in mutants.values() if m["status"] == "not checked"]  # an interrupted run
+    if unchecked:
+        entry["not_checked"] = len(unchecked)
+        entry["tried"] -= len(unchecked)
     for mutant in mutants.values():
+        if mutant["status"] == "not checked":
+            continue
         where = {"at": f"{module}:{mutant['line']}", "function": mutant["function"],
                  "change": f"{mutant['before']}  ->  {mutant['after']}"}
         key = (mutant["function"], mutant["before"], mutant["after"])
@@ -229,7 +235,8 @@ def table(record: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for module, m in record["modules"].items():
         score = "n/a" if m["score"] is None else f"{100 * m['score']:.1f}%"
-        rows.append(f"| {module} | {m['tried']} | {m['killed']} | {m['timeout']} | {m['survived']} | "
+        tried = f"{m['tried']} of {m['tried'] + m['not_checked']}" if m.get("not_checked") else m["tried"]
+        rows.append(f"| {module} | {tried} | {m['killed']} | {m['timeout']} | {m['survived']} | "
                     f"{len(m['equivalent'])} | {score} | {m['seconds']} |")
     return "\n".join(rows)
 
