@@ -290,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     })
     for module in modules:
         spec = config["modules"][module]
-        print(f"[mutation] {module}: staging, then mutmut with {len(spec['tests'])} test selections", flush=True)
+        what = "the kept run" if args.collect else "its survivors again" if args.retry else "a fresh copy"
+        print(f"[mutation] {module}: mutmut on {what}, {len(spec['tests'])} test selections", flush=True)
         commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=all"))
         if args.collect or args.retry:
             folder = STAGE / module.replace("/", "_").removesuffix(".py")
