@@ -241,6 +241,18 @@ def test_a_lacache_policy_changed_after_it_was_built_is_checked_again(model):
         policy.layout = "paper"
         with pytest.raises(PolicyConfigError, match="layout='paper' is not one of"):
             policy.check(model.config)
+        with pytest.raises(PolicyConfigError, match="layout='paper' is not one of"):
+            policy.make_cache(model, prompt_length=100)
+
+
+def test_a_ladder_cache_built_directly_compacts_at_every_token(model):
+    """LadderCache(model, ladder, budget, sink): compact_every defaults to 1, as the policy's."""
+    from lacache.ladder import Ladder
+    from lacache.ladder_cache import LadderCache
+
+    cache = LadderCache(model, Ladder(8, 4, 0), budget=16, sink=4)
+    stream(model, cache, IDS[:, :20])
+    assert held(cache) == kept_positions(8, 4, 0, 16, 4, 20) and cache.peak_slots == 17
 
 
 def test_tova_keeps_its_budget_on_a_one_layer_model():
