@@ -89,6 +89,7 @@ def write_settings(folder: Path, module: str, spec: dict, settings: dict) -> Non
         "also_copy": sorted({p.split("/")[0] for p in working_tree_files()} - {"lacache", "docs", "notebooks", *LINKED}),
         "process_isolation": "forkserver",  # torch is not fork-safe once its thread pools started
         "timeout_multiplier": settings["timeout_multiplier"],
+        "timeout_constant": settings["timeout_constant"],
         "use_git_change_detection": False,
         "use_setproctitle": False,
     }
