@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         "pytest_args": settings["pytest_args"],
         "not_mutated": settings["not_mutated"],
         "do_not_mutate_patterns": settings["do_not_mutate_patterns"],
+        "timeout_s": f"(the covering tests' time + {settings['timeout_constant']}) x {settings['timeout_multiplier']}",
         "score": "(killed + timeout) / (tried - equivalent)",
     })
     for module in modules:
