@@ -243,3 +243,13 @@ def test_a_cache_before_its_first_token_reports_nothing(model):
                                            "kv_bytes_peak"), 0)
     stream(model, cache, IDS[:, :3])
     assert all(type(v) is int for k, v in cache.stats().items() if k != "kv_entries_per_layer_mean" and k != "kv_bytes_mean")
+
+
+def test_a_base_model_without_its_head_works_too(model):
+    """The cache finds the rotary embedding on a decoder with an LM head (``model.model.rotary_emb``) or on
+    the bare decoder (``LlamaModel``: its own ``rotary_emb``)."""
+    cache = StreamingLLMPolicy(budget=8, sink=2).make_cache(model.model)
+    with torch.inference_mode():
+        for t in range(12):
+            model.model(IDS[:, t : t + 1], **cache_kwarg(model.model, cache))
+    assert cache.kept_positions()[:, 0, 0].tolist() == [[0, 1, 6, 7, 8, 9, 10, 11]] * 2
