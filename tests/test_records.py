@@ -90,6 +90,8 @@ def test_records_are_written_whole_with_the_users_permissions(tmp_path):
 def test_an_unwritable_records_folder_is_named(tmp_path):
     records.check_writable(tmp_path / "new")
     assert (tmp_path / "new" / "records").is_dir() and not os.listdir(tmp_path / "new" / "records")
+    records.check_writable(tmp_path / "new")  # a folder that exists already (every run after the first)
+    assert not os.listdir(tmp_path / "new" / "records")
     write(tmp_path / "blocked" / "records", "a file")
     with pytest.raises(OSError, match=f"the records folder {tmp_path / 'blocked' / 'records'} is not writable"):
         records.check_writable(tmp_path / "blocked")
