@@ -113,7 +113,7 @@ def run_mutmut(folder: Path, jobs: int, names: list[str] | None = None) -> float
     return time.monotonic() - start
 
 
-def retry(folder: Path, module: str, spec: dict, settings: dict, jobs: int) -> float:
+def retry(folder: Path, module: str, jobs: int) -> float:
     """Run the survivors of a kept run again with the working tree's tests (after writing the tests that should
     kill them): mutmut tests the named mutants only, collecting the coverage of new tests first."""
     from mutmut.mutation.data import SourceFileMutationData
@@ -121,9 +121,8 @@ def retry(folder: Path, module: str, spec: dict, settings: dict, jobs: int) -> f
     for target in (folder / "tests", folder / "mutants" / "tests"):
         shutil.rmtree(target)
         shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__"))
-    mtime = (folder / "pyproject.toml").stat().st_mtime
-    write_settings(folder, module, spec, settings)  # the current test selection
-    os.utime(folder / "pyproject.toml", (mtime, mtime))  # the run's start, for its duration
+    # the kept run's test selection stays: mutmut discards every result when it changes (new tests must be
+    # inside it: in its files, matching its -k)
     cwd = os.getcwd()
     os.chdir(folder)
     try:
@@ -299,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
             folder = STAGE / module.replace("/", "_").removesuffix(".py")
             seconds = (folder / "mutmut.log").stat().st_mtime - (folder / "pyproject.toml").stat().st_mtime
             if args.retry:
-                seconds += retry(folder, module, spec, settings, args.jobs)
+                seconds += retry(folder, module, args.jobs)
             commit, dirty = None, None  # the mutants are those of an earlier staging
         else:
             folder = stage(module, spec, settings)
