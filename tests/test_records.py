@@ -292,3 +292,20 @@ def test_merge_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         records.main(["merge", str(tmp_path / "missing"), "--into", str(tmp_path / "dst")])
     assert stop.value.code == 2 and "missing is not a directory" in capsys.readouterr().err
+
+
+def test_the_merge_command_line_says_what_it_takes(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        records.main(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("usage: python -m lacache.harness.records [-h] {merge} ...")
+    assert "merge runs/ folders from several machines" in out and "One JSON record per run" in out
+    with pytest.raises(SystemExit):
+        records.main(["merge", "--help"])
+    out = capsys.readouterr().out
+    assert "usage: python -m lacache.harness.records merge [-h] --into DST SRC [SRC ...]" in " ".join(out.split())
+    assert "runs/ folders to merge" in out and "the runs/ folder to merge into (created if absent)" in out
+    for argv, missing in (([], "command"), (["merge", str(tmp_path)], "--into"), (["merge", "--into", str(tmp_path)], "SRC")):
+        with pytest.raises(SystemExit) as stop:
+            records.main(argv)
+        assert stop.value.code == 2 and f"the following arguments are required: {missing}" in capsys.readouterr().err
