@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -295,16 +296,19 @@ def test_merge_from_the_command_line(tmp_path, capsys):
 
 
 def test_the_merge_command_line_says_what_it_takes(tmp_path, capsys):
+    def says(out, text):  # the whole phrase, as its own words
+        return re.search(r"(^|\s)" + re.escape(text) + r"(\s|$)", " ".join(out.split())) is not None
+
     with pytest.raises(SystemExit) as stop:
         records.main(["--help"])
     out = capsys.readouterr().out
     assert stop.value.code == 0 and out.startswith("usage: python -m lacache.harness.records [-h] {merge} ...")
-    assert "merge runs/ folders from several machines" in out and "One JSON record per run" in out
+    assert says(out, "merge merge runs/ folders from several machines") and "One JSON record per run" in out
     with pytest.raises(SystemExit):
         records.main(["merge", "--help"])
     out = capsys.readouterr().out
-    assert "usage: python -m lacache.harness.records merge [-h] --into DST SRC [SRC ...]" in " ".join(out.split())
-    assert "runs/ folders to merge" in out and "the runs/ folder to merge into (created if absent)" in out
+    assert says(out, "usage: python -m lacache.harness.records merge [-h] --into DST SRC [SRC ...]")
+    assert says(out, "SRC runs/ folders to merge") and says(out, "--into DST the runs/ folder to merge into (created if absent)")
     for argv, missing in (([], "command"), (["merge", str(tmp_path)], "--into"), (["merge", "--into", str(tmp_path)], "SRC")):
         with pytest.raises(SystemExit) as stop:
             records.main(argv)
