@@ -83,7 +83,14 @@ paper-table-smoke: setup ## every paper experiment's _smoke variant on the embed
 	echo "[paper-table-smoke] bench: $$(( $$(date +%s) - start )) s"
 	$(PY) -m lacache.report --runs $(SMOKE_RUNS) --out $(SMOKE_OUT)
 
-clean: ## remove run outputs (keeps .venv and the model cache)
-	rm -rf runs/records runs/.hydra runs/wandb runs/smoke runs/artifacts reports
+MODULES        ?=
+MUTATION_JOBS  ?= 2
 
-.PHONY: help setup gemma3 demo test test-fast test-compat bench bench-full ladder paper-table paper-table-smoke clean
+mutation: setup ## mutation testing (mutmut) of the method, the policies and the records: MODULES=lacache/ladder.py for one; writes docs/data/mutation/<date>.json; not part of make test
+	@$(PY) -m pip install -q -e '.[mutation]' 2>&1 | $(QUIET_PIP)
+	nice -n 10 $(PY) tools/mutation.py $(MODULES) --jobs $(MUTATION_JOBS)
+
+clean: ## remove run outputs (keeps .venv and the model cache)
+	rm -rf runs/records runs/.hydra runs/wandb runs/smoke runs/artifacts reports .mutation
+
+.PHONY: help setup gemma3 demo test test-fast test-compat bench bench-full ladder paper-table paper-table-smoke mutation clean

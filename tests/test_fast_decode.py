@@ -402,3 +402,61 @@ def test_bench_rows_carry_the_bound_and_the_hf_static_anchor(tmp_path):
     for _, row in frame.iterrows():
         assert row["stats.weight_bytes"] == weights and row["stats.decode_ms_per_token"] > 0
         assert row["stats.bound_ratio"] == pytest.approx(row["stats.decode_ms_per_token"] / row["stats.bound_ms_per_token"])
+
+
+# ---------------------------------------------------------------------------------------------- ring sizing (CPU)
+RING_SIZING = {  # policy, the most slots a decode step holds (worked out from the policy's rule)
+    # 6 layers, S=1 O=0: b = 6, a = 1, r = 5; the compensated budget C + r//2, and one token more before a merge
+    "lacache S1 O0": (lambda: LaCachePolicy(budget=20, span=1, overlap=0, sink=2), 20 + 5 // 2 + 1),
+    # S=3 O=0: b = 2, a = 1, r = 1; compact_every=3: the cache grows 3 slots past the budget before merging
+    "lacache S3 O0 every 3": (lambda: LaCachePolicy(budget=20, span=3, overlap=0, sink=2, compact_every=3), 20 + 1 // 2 + 3),
+    "streamingllm": (lambda: StreamingLLMPolicy(budget=12, sink=2), 12 + 1),
+}
+
+
+@pytest.mark.parametrize("name", RING_SIZING)
+def test_the_ring_holds_what_a_decode_step_holds_rounded_to_whole_splits(name):
+    """The decode ring is sized from the policy's ring rule: the most slots a step holds (the exact cache's
+    peak when it is fed token by token) plus 8 spare slots, rounded up to the attention's 128-slot splits;
+    its decode keeps the exact cache's positions."""
+    make, most = RING_SIZING[name]
+    model = tiny_llama(layers=6)
+    ids = torch.randint(0, 128, (1, 36), generator=torch.Generator().manual_seed(4))
+    exact = make().make_cache(model)
+    stream(model, exact, ids)
+    assert exact.peak_slots == most and exact.ring_rule().max_length == most
+    source = make().make_cache(model)
+    with torch.inference_mode():
+        model(ids[:, :1], **cache_kwarg(model, source))
+        decoder = GraphDecoder(model, source, ids[:, 1:2], graphs=False)
+        try:
+            assert decoder.ring.capacity == 128 and decoder.ring.keys.shape[3] == 128
+            for t in range(1, ids.shape[1]):
+                decoder.ids.copy_(ids[:, t : t + 1])
+                decoder.step()
+            decoder.settle()
+        finally:
+            decoder.close()
+    assert torch.equal(decoder.ring.kept_positions(), exact.kept_positions()[:, 0, 0])
+
+
+def test_ring_capacity_rounds_up_to_whole_splits():
+    """A full cache's ring holds the prompt, the tokens still to decode and 8 spare slots, in 128-slot splits."""
+    from lacache.decode.fast import RingCache
+
+    model = tiny_llama(layers=4)
+    for prompt, room, capacity in [(10, 0, 128), (120, 0, 128), (121, 0, 256), (100, 20, 128), (100, 21, 256)]:
+        cache = FullCachePolicy().make_cache(model)
+        with torch.inference_mode():
+            model(torch.zeros(1, prompt, dtype=torch.long), **cache_kwarg(model, cache))
+        ring = RingCache(model, cache, room=room)
+        assert ring.capacity == capacity and ring.kv.shape[4] == capacity and ring.host_n == prompt
+    source = LaCachePolicy(budget=118, span=2, overlap=0, sink=2).make_cache(model)  # 4 layers, r = 1: at most 118 + 0 + 1 = 119 slots
+    assert source.ring_rule().max_length == 119
+    with torch.inference_mode():
+        model(torch.zeros(1, 5, dtype=torch.long), **cache_kwarg(model, source))
+    assert RingCache(model, source).capacity == 128  # 119 + 8 = 127
+    source = LaCachePolicy(budget=120, span=2, overlap=0, sink=2).make_cache(model)  # 121 + 8 = 129: two splits
+    with torch.inference_mode():
+        model(torch.zeros(1, 5, dtype=torch.long), **cache_kwarg(model, source))
+    assert RingCache(model, source).capacity == 256

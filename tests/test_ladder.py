@@ -8,7 +8,7 @@ import pytest
 from spec_reference import SpecLaCache
 
 from lacache.compat import cache_kwarg
-from lacache.ladder import Ladder, LadderConfigError, LadderState, kept_positions, validate
+from lacache.ladder import Ladder, LadderConfigError, LadderState, Segment, kept_positions, validate
 
 GOLDEN = json.loads((Path(__file__).parent / "data" / "lacache_decode_traces.json").read_text())
 
@@ -297,3 +297,86 @@ def test_ladder_plot_draws_the_bands_layout(tmp_path):
     assert (tmp_path / "bands.png").stat().st_size > 1000
     with pytest.raises(SystemExit):
         main(["--layout", "paper"])
+
+
+# ---------------------------------------------------------------------------------------------- what a user is told
+@pytest.mark.parametrize("args, nearest", [
+    ((8, 5, 1), "frees no slot (block b=2 == kept a=2); nearest valid: span=4 overlap=1, span=5 overlap=0"),
+    ((6, 4, 1), "nearest valid: span=3 overlap=1, span=4 overlap=0"),
+    ((8, 8, 0), "span=8 must be < num_layers=8; nearest valid: span=7 overlap=0"),
+    ((32, 40, 0), "nearest valid: span=31 overlap=0"),
+    ((1, 1, 0), "nearest valid: none (too few layers for any ladder)"),
+    ((2, 2, 0), "span=2 must be < num_layers=2; nearest valid: span=1 overlap=0"),
+    ((8, 4, 4), "overlap=4 must be < span=4 (stride span-overlap >= 1); nearest valid: overlap=3"),
+    ((8, 3, 5), "nearest valid: overlap=2"),
+    ((8, 0, 0), "span must be >= 1 and overlap >= 0 (got span=0, overlap=0)"),
+    ((8, 4, -1), "span must be >= 1 and overlap >= 0 (got span=4, overlap=-1)"),
+])
+def test_invalid_ladders_suggest_the_nearest_valid_settings(args, nearest):
+    """The suggestions, worked out by hand from spec section 1.1 (b = 1 + ceil((L-S)/d), a = min(ceil(S/d), b),
+    valid when 0 <= O < S < L and b > a), at the smallest |dS| + |dO|; e.g. L=8 S=5 O=1 frees nothing
+    (b = a = 2), and of its neighbours only S=4 O=1 (b=3, a=2) and S=5 O=0 (b=2, a=1) free a slot."""
+    with pytest.raises(LadderConfigError) as err:
+        validate(*args)
+    assert str(err.value).endswith(nearest)
+    assert str(err.value).startswith("invalid LaCache configuration: ")
+
+
+@pytest.mark.parametrize("budget, sink, message", [
+    (10, 4, "budget=10 must be >= sink + num_layers + a = 4 + 8 + 1 = 13 (otherwise a sweep has no room for a ladder); "
+            "nearest valid: budget=13 or sink=1"),
+    (7, 0, "budget=7 must be >= sink + num_layers + a = 0 + 8 + 1 = 9 (otherwise a sweep has no room for a ladder); "
+           "nearest valid: budget=9"),  # no sink makes room: 7 - 8 - 1 < 0
+    (9, 4, "budget=9 must be >= sink + num_layers + a = 4 + 8 + 1 = 13 (otherwise a sweep has no room for a ladder); "
+           "nearest valid: budget=13 or sink=0"),
+    (9, 0, None),  # exactly the smallest budget: accepted
+    (13, 4, None),
+    (40, -1, "sink=-1 must be >= 0"),
+])
+def test_budget_and_sink_are_checked_against_the_ladder(budget, sink, message):
+    """L=8 S=4 O=0 keeps a=1 slot per ladder: a budget needs the sink, one slot per layer and a."""
+    if message is None:
+        assert validate(8, 4, 0, budget=budget, sink=sink).kept == 1
+        assert len(kept_positions(8, 4, 0, budget, sink, budget + 3)[0]) == budget  # and it runs
+        return
+    with pytest.raises(LadderConfigError) as err:
+        validate(8, 4, 0, budget=budget, sink=sink)
+    assert str(err.value) == "invalid LaCache configuration: " + message
+    with pytest.raises(LadderConfigError):
+        kept_positions(8, 4, 0, budget, sink, 50)  # the replay refuses it too
+
+
+def test_without_a_sink_the_smallest_budget_is_layers_plus_a():
+    assert validate(8, 4, 0, budget=9).kept == 1  # sink defaults to 0
+    with pytest.raises(LadderConfigError, match="budget=8 must be >="):
+        validate(8, 4, 0, budget=8)
+
+
+def test_a_compaction_says_what_it_merges():
+    """L=8 S=4 O=0 (b=2, a=1, r=1), budget 16, sink 4: the newest 8 slots are never merged, so a sweep runs over
+    slots 4..7. At 17 slots one ladder merges at the cursor (slot 4), then at slot 5; 20 slots then need 4
+    merges: 2 at slots 6-7, then the cursor starts over at the sink for the other 2."""
+    state = LadderState(Ladder(8, 4, 0), 16, 4)
+    assert state.plan(16) is None
+    first = state.plan(17)
+    assert (first.length, first.new_length, first.segments, first.first_changed) == (17, 16, (Segment(4, 1),), 4)
+    assert state.plan(17).segments == (Segment(5, 1),)
+    bulk = state.plan(20)
+    assert (bulk.length, bulk.new_length, bulk.segments, bulk.first_changed) == (20, 16, (Segment(6, 2), Segment(4, 2)), 4)
+
+
+def test_a_bad_ladder_is_reported_before_its_budget():
+    with pytest.raises(LadderConfigError) as err:
+        validate(8, 8, 0, budget=1, sink=0)
+    assert "span=8 must be < num_layers=8" in str(err.value) and "budget" not in str(err.value)
+
+
+def test_amortized_compaction_lets_the_cache_grow_first():
+    """compact_every=3, L=8 S=4 O=0 (r=1), budget 32: nothing is merged until the cache is 3 slots over the
+    budget (tokens 33 and 34 are simply appended), then three ladders at once bring it back to 32."""
+    for tokens in (33, 34):
+        assert kept_positions(8, 4, 0, 32, 4, tokens, compact_every=3) == [list(range(tokens))] * 8
+    held = kept_positions(8, 4, 0, 32, 4, 35, compact_every=3)
+    assert [len(layer) for layer in held] == [32] * 8
+    # the cursor starts after the 4 sinks: ladders (4,5), (6,7), (8,9); even layers keep the first of each pair
+    assert held[0] == [0, 1, 2, 3, 4, 6, 8] + list(range(10, 35)) and held[1] == [0, 1, 2, 3, 5, 7, 9] + list(range(10, 35))
