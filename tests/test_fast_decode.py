@@ -371,7 +371,7 @@ def test_decode_fast_is_refused_where_there_is_no_fast_path():
 
     with pytest.raises(PolicyConfigError, match="decode=fast is not available for lacache_reference"):
         ReferenceLaCachePolicy(budget=64, decode="fast")
-    with pytest.raises(PolicyConfigError, match=r"decode='graph' is not one of \('exact', 'fast', 'triton'\)"):
+    with pytest.raises(PolicyConfigError, match=r"decode='graph' is not one of \('exact', 'fast', 'triton', 'hf-generate'\)"):
         LaCachePolicy(decode="graph")
     with pytest.raises(PolicyConfigError, match="decode=triton is not available for h2o; it is for full, streamingllm and lacache"):
         H2OPolicy(budget=64, decode="triton")
